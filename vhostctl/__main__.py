@@ -1,0 +1,3 @@
+from vhostctl.cli import main
+
+main()

@@ -1,0 +1,693 @@
+"""The driver side of a split virtqueue (virtio 1.2 §2.7) living in memory we own.
+
+vhost-net is the *device*: it reads the descriptor table and available ring from our memory and
+writes the used ring back.  This module is everything a guest driver does with those three
+areas, and nothing else: no file descriptors, no ioctls.  It works on any writable buffer (an
+``mmap.mmap`` for real use, a ``bytearray`` in tests) at byte offsets given by a
+:class:`RingLayout`; the caller turns offsets into addresses for ``VHOST_SET_VRING_ADDR``.
+
+Memory ordering
+---------------
+The device runs concurrently on another CPU, so the order in which our stores become visible
+matters (virtio 1.2 §2.7.13.3 and §2.7.14; Linux ``virtio_wmb``/``virtio_rmb``/``virtio_mb`` in
+``drivers/virtio/virtio_ring.c``).  Python has no barrier API; this module relies on:
+
+- *Program order of stores* (descriptors and avail ring entries before ``avail->idx``) and of
+  loads (``used->idx`` before the used elements it covers).  Each access is a separate C call
+  inside CPython, which the C compiler cannot reorder, and x86-64 (TSO) keeps store->store and
+  load->load order in hardware.  On weakly ordered CPUs (arm64, ppc64, riscv) this is NOT
+  guaranteed; treat the module as x86-only for live rings until a native barrier helper exists.
+- *Single-access loads/stores of shared indices*: every shared u16/u32 is accessed through a
+  native-format ``memoryview`` cast, which CPython implements as a fixed-size ``memcpy`` that
+  compilers turn into one load/store, so neither side can observe a torn index.  (``struct``
+  with an explicit byte order may go byte by byte, and does for a foreign byte order; it is
+  only used for the descriptor table, which the device reads after ``avail->idx``.)
+- *Store->load ordering* before the notification-suppression checks (``publish`` reading
+  ``avail_event``/``used->flags`` after storing ``avail->idx``; ``enable_interrupts`` reading
+  ``used->idx`` after storing ``used_event``) needs a full barrier even on x86, or both sides can
+  decide the other one will act and a wake-up is lost (Linux: ``virtio_mb()`` in
+  ``virtqueue_kick_prepare_split``, ``virtqueue_poll`` and the ``virtio_store_mb`` of
+  ``used_event``).  :func:`_full_fence` gets one from a lock acquire/release, whose atomics
+  are ``lock``-prefixed instructions on x86.
+
+To sleep until completions arrive, call :meth:`SplitVring.enable_interrupts` and sleep only if
+it returns False; otherwise harvest again (the kernel's ``virtqueue_enable_cb()`` contract).
+
+A :class:`SplitVring` is not thread-safe: one thread drives it (like one NAPI context).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import struct
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._uapi.virtio_ring import (
+    VRING_AVAIL_ALIGN_SIZE,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_ALIGN_SIZE,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_ALIGN_SIZE,
+    VRING_USED_F_NO_NOTIFY,
+    vring_need_event,
+)
+from .errors import IntegrityError, ValidationError, VhostctlError
+
+__all__ = ["VRING_NUM_MAX", "RingFull", "RingLayout", "SplitVring"]
+
+# Largest queue size: the split ring spec maximum (virtio 1.2 §2.7: "The maximum Queue Size
+# value is 32768"), which is also the largest power of two that drivers/vhost/vhost.c accepts
+# in VHOST_SET_VRING_NUM: ``if (!s.num || s.num > 0xffff || (s.num & (s.num - 1)))``.
+VRING_NUM_MAX = 32768
+
+_DESC_SIZE = 16  # sizeof(struct vring_desc)
+_ELEM_SIZE = 8  # sizeof(struct vring_used_elem)
+
+
+class RingFull(VhostctlError):
+    """Not enough free descriptors for this chain *right now*.
+
+    Back-pressure, not a usage error: harvest completions and retry.  Nothing was changed.
+    """
+
+    def __init__(self, op: str, detail: str) -> None:
+        super().__init__(op, errno.ENOSPC, detail)
+        self.detail = detail
+
+
+def _check_num(num: object) -> int:
+    if isinstance(num, bool) or not isinstance(num, int):
+        raise ValidationError("vring layout", f"queue size must be an int, not {num!r}")
+    if not 1 <= num <= VRING_NUM_MAX or num & (num - 1):
+        raise ValidationError(
+            "vring layout",
+            f"queue size {num} is not a power of two in 1..{VRING_NUM_MAX}",
+            hint="vhost.c VHOST_SET_VRING_NUM rejects it with EINVAL",
+        )
+    return num
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """Where the three areas of one split ring sit inside a buffer (byte offsets).
+
+    Sizes follow virtio 1.2 §2.7 (table of alignments and sizes) and match what vhost checks
+    in ``vq_access_ok()`` (``vhost_get_{desc,avail,used}_size``): the 2-byte ``used_event``
+    and ``avail_event`` trailers are counted only when ``event_idx`` is set.  Validated on
+    construction, so a layout that exists is one the kernel will accept.
+    """
+
+    num: int
+    desc: int
+    avail: int
+    used: int
+    event_idx: bool = True
+
+    def __post_init__(self) -> None:
+        _check_num(self.num)
+        for name, off, align in (
+            ("desc", self.desc, VRING_DESC_ALIGN_SIZE),
+            ("avail", self.avail, VRING_AVAIL_ALIGN_SIZE),
+            ("used", self.used, VRING_USED_ALIGN_SIZE),
+        ):
+            if isinstance(off, bool) or not isinstance(off, int) or off < 0:
+                raise ValidationError(
+                    "vring layout", f"{name} offset {off!r} is not a non-negative int"
+                )
+            if off % align:
+                # vhost.c VHOST_SET_VRING_ADDR returns EINVAL for misaligned avail/used; the
+                # 16-byte descriptor table alignment is virtio 1.2 §2.7.
+                raise ValidationError(
+                    "vring layout",
+                    f"{name} offset {off:#x} is not {align}-byte aligned",
+                    hint="virtio 1.2 §2.7: desc 16, avail 2, used 4",
+                )
+        areas = sorted(
+            [
+                (self.desc, self.desc + self.desc_size, "desc"),
+                (self.avail, self.avail + self.avail_size, "avail"),
+                (self.used, self.used + self.used_size, "used"),
+            ]
+        )
+        for (_, end, a), (start, _, b) in itertools.pairwise(areas):
+            if end > start:
+                raise ValidationError("vring layout", f"{a} and {b} areas overlap")
+
+    @classmethod
+    def compute(
+        cls, num: int, base: int = 0, *, event_idx: bool = True, align: int = 4096
+    ) -> RingLayout:
+        """The legacy contiguous layout (``vring_init()`` in ``<linux/virtio_ring.h>``).
+
+        desc at ``base``, avail right after it, used at the next ``align`` boundary.  With
+        ``event_idx`` and ``base=0``, ``layout.size == vring_size(num, align)``.
+        """
+        _check_num(num)
+        if isinstance(align, bool) or not isinstance(align, int):
+            raise ValidationError("vring layout", f"align must be an int, not {align!r}")
+        if align < VRING_USED_ALIGN_SIZE or align & (align - 1):
+            raise ValidationError(
+                "vring layout", f"used ring alignment {align} is not a power of two >= 4"
+            )
+        if isinstance(base, bool) or not isinstance(base, int) or base < 0:
+            raise ValidationError("vring layout", f"base {base!r} is not a non-negative int")
+        avail = base + _DESC_SIZE * num
+        avail_end = avail + 4 + 2 * num + (2 if event_idx else 0)
+        return cls(num, base, avail, _align_up(avail_end, align), event_idx)
+
+    @property
+    def desc_size(self) -> int:
+        return _DESC_SIZE * self.num
+
+    @property
+    def avail_size(self) -> int:
+        return 4 + 2 * self.num + (2 if self.event_idx else 0)
+
+    @property
+    def used_size(self) -> int:
+        return 4 + _ELEM_SIZE * self.num + (2 if self.event_idx else 0)
+
+    @property
+    def used_event(self) -> int:
+        """Offset of ``used_event`` (``avail->ring[num]``), meaningful with EVENT_IDX."""
+        return self.avail + 4 + 2 * self.num
+
+    @property
+    def avail_event(self) -> int:
+        """Offset of ``avail_event`` (after ``used->ring[num]``), meaningful with EVENT_IDX."""
+        return self.used + 4 + _ELEM_SIZE * self.num
+
+    @property
+    def start(self) -> int:
+        return min(self.desc, self.avail, self.used)
+
+    @property
+    def end(self) -> int:
+        """One past the last byte of the ring: the buffer must be at least this long."""
+        return max(
+            self.desc + self.desc_size, self.avail + self.avail_size, self.used + self.used_size
+        )
+
+    @property
+    def size(self) -> int:
+        """Bytes from the first area to the end of the last (padding included)."""
+        return self.end - self.start
+
+
+def _bswap16(v: int) -> int:
+    return ((v & 0xFF) << 8) | (v >> 8)
+
+
+def _bswap32(v: int) -> int:
+    return int.from_bytes(v.to_bytes(4, "little"), "big")
+
+
+_fence_lock = threading.Lock()
+
+
+def _full_fence() -> None:
+    # A full (store->load) barrier on x86: CPython's Lock is built on atomic read-modify-writes
+    # (glibc sem_trywait/sem_post up to 3.12, PyMutex from 3.13), i.e. `lock cmpxchg`/`lock
+    # xadd`, and "reads or writes cannot be reordered with locked instructions" (Intel SDM vol.
+    # 3A, memory ordering).  Acquire+release is NOT a full barrier on arm64.
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class SplitVring:
+    """Driver side of one split virtqueue: add buffers, publish them, harvest completions.
+
+    ``buf`` is any writable C-contiguous buffer; the ring area is zeroed on construction.  The
+    vring keeps a ``memoryview`` on it until :meth:`close` (an ``mmap`` cannot be closed while
+    exported).  ``event_idx`` must match whether VIRTIO_RING_F_EVENT_IDX was negotiated with
+    VHOST_SET_FEATURES.  ``byteorder`` is the ring's byte order: ``"little"`` whenever
+    VIRTIO_F_VERSION_1 is negotiated (virtio 1.2 §2.4), the host's for legacy rings.  ``vq``
+    only labels error messages.
+
+    Descriptor bookkeeping (free list, per-head token/tail/count/writable length) lives in
+    Python lists, never re-read from shared memory, so a misbehaving device cannot corrupt it:
+    the same reason Linux keeps ``desc_extra`` shadows.
+    """
+
+    def __init__(
+        self,
+        buf: Any,
+        layout: RingLayout,
+        *,
+        event_idx: bool = False,
+        byteorder: str = "little",
+        vq: int | None = None,
+    ) -> None:
+        if not isinstance(layout, RingLayout):
+            raise ValidationError("vring", f"layout must be a RingLayout, not {layout!r}")
+        if byteorder not in ("little", "big"):
+            raise ValidationError("vring", f"byteorder must be 'little' or 'big': {byteorder!r}")
+        if event_idx and not layout.event_idx:
+            raise ValidationError(
+                "vring",
+                "event_idx ring on a layout without room for used_event/avail_event",
+                hint="RingLayout.compute(num, event_idx=True)",
+            )
+        try:
+            mv = memoryview(buf)
+        except TypeError:
+            raise ValidationError("vring", f"{type(buf).__name__} is not a buffer") from None
+        if mv.readonly:
+            mv.release()
+            raise ValidationError("vring", "ring buffer is read-only")
+        try:
+            mv = mv.cast("B")
+        except TypeError:
+            raise ValidationError("vring", "ring buffer is not C-contiguous") from None
+        if layout.end > mv.nbytes:
+            n = mv.nbytes
+            mv.release()
+            raise ValidationError(
+                "vring", f"ring needs {layout.end} bytes of buffer, buffer has {n}"
+            )
+
+        self._layout = layout
+        self._event_idx = bool(event_idx)
+        self._byteorder = byteorder
+        self._swap = byteorder != sys.byteorder
+        self._vq = vq
+        self._op = "vring" if vq is None else f"vring(vq={vq})"
+        num = layout.num
+        self._num = num
+        self._mask = num - 1
+
+        # Views.  Native 'H'/'I' casts give single-access loads/stores (module docstring).
+        self._mv = mv
+        self._avail16 = mv[layout.avail : layout.avail + layout.avail_size].cast("H")
+        self._used16 = mv[layout.used : layout.used + layout.used_size].cast("H")
+        self._used32 = mv[layout.used + 4 : layout.used + 4 + _ELEM_SIZE * num].cast("I")
+        self._used_event_i = 2 + num  # index of used_event in _avail16
+        self._avail_event_i = 2 + 4 * num  # index of avail_event in _used16
+        self._desc = layout.desc
+        self._pack_desc = struct.Struct(("<" if byteorder == "little" else ">") + "QIHH").pack_into
+        self.reset(0)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def reset(self, base: int = 0) -> list[Any]:
+        """Forget every buffer and restart both indices at ``base``; return dropped tokens.
+
+        Only with the device stopped.  To restart a ring: detach the backend
+        (VHOST_NET_SET_BACKEND fd -1), ``harvest()`` what was completed, read
+        ``last_avail_idx`` with VHOST_GET_VRING_BASE, ``reset(base)``, VHOST_SET_VRING_BASE
+        with the same ``base``, re-attach.  vhost re-reads ``used->idx`` (which this writes to
+        ``base``) when the backend is attached (``vhost_vq_init_access()``), so both sides agree.
+        The returned tokens are buffers the driver no longer owns in the ring: an RX caller
+        re-``add()``s them; a TX caller treats them as not sent.  Also the hook for starting at
+        an arbitrary index (e.g. near the 16-bit wrap).
+        """
+        if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= 0xFFFF:
+            raise ValidationError("vring reset", f"base {base!r} is not in 0..65535")
+        num = self._num
+        lay = self._layout
+        dropped = [m[0] for m in getattr(self, "_meta", ()) if m is not None]
+        mv = self._mv
+        for off, size in (
+            (lay.desc, lay.desc_size),
+            (lay.avail, lay.avail_size),
+            (lay.used, lay.used_size),
+        ):
+            mv[off : off + size] = bytes(size)
+        # Free list 0 -> 1 -> ... -> num-1, chained like the kernel's (``next`` of a free desc).
+        self._next = [(i + 1) & self._mask for i in range(num)]
+        self._free_head = 0
+        self._num_free = num
+        # Per head of an in-flight chain: (token, tail id, descriptors, writable bytes);
+        # None for free descriptors and non-head members of a chain.
+        self._meta: list[tuple[Any, int, int, int] | None] = [None] * num
+        self._heads = 0  # chains in flight
+        self._added = 0  # heads written to the avail ring since the last publish()
+        self._avail_shadow = base
+        self._last_used = base
+        self._irq_enabled = True
+        self._st16(self._avail16, 1, base)
+        self._st16(self._used16, 1, base)
+        if self._event_idx:
+            # "Interrupt me on the first completion" and, standing in for the stopped device,
+            # "kick me on the first buffer": a zeroed avail_event would suppress the first
+            # kick after a restart at base != 0 and the device would never look.
+            self._st16(self._avail16, self._used_event_i, base)
+            self._st16(self._used16, self._avail_event_i, base)
+        return dropped
+
+    def close(self) -> None:
+        """Release the buffer views (so an ``mmap`` can be closed).  Idempotent."""
+        for name in ("_used32", "_used16", "_avail16", "_mv"):
+            view = getattr(self, name, None)
+            if view is not None:
+                view.release()
+
+    def __enter__(self) -> SplitVring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<SplitVring vq={self._vq} num={self._num} free={self._num_free} "
+            f"avail={self._avail_shadow} used={self._last_used}>"
+        )
+
+    # -- shared-memory accessors (single native access, swapped if the ring is foreign) ----
+
+    def _ld16(self, view: memoryview, i: int) -> int:
+        v = view[i]
+        return _bswap16(v) if self._swap else v
+
+    def _st16(self, view: memoryview, i: int, v: int) -> None:
+        view[i] = _bswap16(v) if self._swap else v
+
+    # -- producing -------------------------------------------------------------------------
+
+    def add(
+        self, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]], token: Any
+    ) -> int:
+        """Queue one chain: device-readable ``out`` buffers, then device-writable ``in_``.
+
+        Buffers are ``(guest_physical_addr, length)``.  The head goes into the avail ring but
+        is invisible to the device until :meth:`publish`.  Returns the head id.  Raises
+        :class:`ValidationError` for a malformed chain and :class:`RingFull` when there are
+        fewer free descriptors than buffers; either way nothing is changed.
+        """
+        n_out = len(out)
+        total = n_out + len(in_)
+        if not total:
+            raise ValidationError(self._op + " add", "empty descriptor chain")
+        if total > self._num:
+            # vhost_get_vq_desc(): "Loop detected" once a chain has more than num descriptors.
+            raise ValidationError(
+                self._op + " add", f"chain of {total} descriptors exceeds queue size {self._num}"
+            )
+        if total > self._num_free:
+            raise RingFull(
+                self._op + " add", f"chain needs {total} descriptors, {self._num_free} free"
+            )
+        nxt = self._next
+        pack = self._pack_desc
+        mv = self._mv
+        d = self._desc
+        head = i = last = self._free_head
+        k = 0
+        wlen = 0
+        tot = 0
+        try:
+            # Readable before writable: vhost_get_vq_desc() rejects "Descriptor has out after
+            # in" (virtio 1.2 §2.7.4.2).  Writes only touch free descriptors, so bailing out
+            # half-way leaves nothing the device can see.
+            for addr, ln in out:
+                if not ln:
+                    raise ValidationError(self._op + " add", f"zero-length out buffer {k}")
+                k += 1
+                pack(
+                    mv, d + _DESC_SIZE * i, addr, ln, VRING_DESC_F_NEXT if k < total else 0, nxt[i]
+                )
+                tot += ln
+                last = i
+                i = nxt[i]
+            for addr, ln in in_:
+                if not ln:
+                    raise ValidationError(self._op + " add", f"zero-length in buffer {k - n_out}")
+                k += 1
+                flags = VRING_DESC_F_WRITE | (VRING_DESC_F_NEXT if k < total else 0)
+                pack(mv, d + _DESC_SIZE * i, addr, ln, flags, nxt[i])
+                wlen += ln
+                tot += ln
+                last = i
+                i = nxt[i]
+        except (struct.error, TypeError, ValueError) as e:
+            raise ValidationError(
+                self._op + " add", f"buffer {k}: need (u64 addr, u32 len > 0): {e}"
+            ) from None
+        if tot > 1 << 32:
+            # virtio 1.2 §2.7.5.2: "Drivers MUST NOT add a descriptor chain longer than 2^32
+            # bytes in total".
+            raise ValidationError(self._op + " add", f"chain of {tot} bytes exceeds 2**32")
+        self._free_head = i
+        self._num_free -= total
+        self._meta[head] = (token, last, total, wlen)
+        self._heads += 1
+        # virtio 1.2 §2.7.13.2: the head goes in ring[idx % num]; the index is only bumped
+        # in publish() so that a batch costs one idx store (and at most one kick).
+        shadow = self._avail_shadow
+        self._avail16[2 + (shadow & self._mask)] = _bswap16(head) if self._swap else head
+        self._avail_shadow = (shadow + 1) & 0xFFFF
+        self._added += 1
+        return head
+
+    def add_buf(self, addr: int, length: int, token: Any, *, writable: bool = False) -> int:
+        """Fast path of :meth:`add` for a one-descriptor chain (the common TX/RX frame)."""
+        if not self._num_free:
+            raise RingFull(self._op + " add", "no free descriptor")
+        if not length:
+            raise ValidationError(self._op + " add", "zero-length buffer")
+        head = self._free_head
+        nxt = self._next[head]
+        try:
+            self._pack_desc(
+                self._mv,
+                self._desc + _DESC_SIZE * head,
+                addr,
+                length,
+                VRING_DESC_F_WRITE if writable else 0,
+                nxt,
+            )
+        except (struct.error, TypeError) as e:
+            raise ValidationError(self._op + " add", f"need (u64 addr, u32 len > 0): {e}") from None
+        self._free_head = nxt
+        self._num_free -= 1
+        self._meta[head] = (token, head, 1, length if writable else 0)
+        self._heads += 1
+        shadow = self._avail_shadow
+        self._avail16[2 + (shadow & self._mask)] = _bswap16(head) if self._swap else head
+        self._avail_shadow = (shadow + 1) & 0xFFFF
+        self._added += 1
+        return head
+
+    def publish(self) -> bool:
+        """Expose everything added since the last call; return True if the device needs a kick.
+
+        One ``avail->idx`` store covers the whole batch (virtio 1.2 §2.7.13.3).  The kick
+        decision is §2.7.10: with EVENT_IDX, ``vring_need_event(avail_event, new, old)``;
+        otherwise unless the device set VRING_USED_F_NO_NOTIFY.  False when nothing was added.
+        """
+        added = self._added
+        if not added:
+            return False
+        new = self._avail_shadow
+        old = (new - added) & 0xFFFF
+        self._added = 0
+        # Descriptors and ring entries were stored before this (program order, see module
+        # docstring); this store is the release that hands them over.
+        self._st16(self._avail16, 1, new)
+        # Store->load barrier: the device may be concurrently re-enabling notifications
+        # (vhost_enable_notify() writes avail_event, smp_mb(), re-reads avail->idx).
+        _full_fence()
+        if self._event_idx:
+            return vring_need_event(self._ld16(self._used16, self._avail_event_i), new, old)
+        return not (self._ld16(self._used16, 0) & VRING_USED_F_NO_NOTIFY)
+
+    # -- consuming -------------------------------------------------------------------------
+
+    def has_used(self) -> bool:
+        """Are there completions waiting to be harvested?"""
+        return self._ld16(self._used16, 1) != self._last_used
+
+    def harvest(self, max: int | None = None) -> list[tuple[Any, int]]:
+        """Collect completed buffers as ``(token, bytes_written)``, oldest first.
+
+        Reads ``used->idx`` once and walks at most ``max`` new used elements (virtio 1.2
+        §2.7.14).  Every element is checked before it is trusted: ``id < num``, ``id`` is the
+        head of a chain in flight, ``len`` within that chain's writable bytes.  The first bad
+        element stops the walk; the good ones before it are returned and the bad one raises
+        :class:`IntegrityError` on the next call (and every call after, until :meth:`reset`),
+        so no completion is lost and the free list never takes a chain twice.
+        """
+        last = self._last_used
+        used_idx = self._used16[1]
+        if self._swap:
+            used_idx = _bswap16(used_idx)
+        n = (used_idx - last) & 0xFFFF
+        if not n:
+            return []
+        if n > self._heads:
+            raise IntegrityError(
+                self._op + " harvest",
+                f"used->idx moved from {last} to {used_idx} ({n} completions) "
+                f"but only {self._heads} buffers are in flight",
+            )
+        if max is not None and max < n:
+            if max <= 0:
+                return []
+            n = max
+        # Loaded after used->idx (program order; see module docstring).
+        start = last & self._mask
+        end = start + n
+        u32 = self._used32
+        if end <= self._num:
+            vals = u32[2 * start : 2 * end].tolist()
+        else:
+            vals = u32[2 * start :].tolist() + u32[: 2 * (end - self._num)].tolist()
+        if self._swap:
+            vals = [_bswap32(v) for v in vals]
+
+        num = self._num
+        metas = self._meta
+        nxt = self._next
+        free_head = self._free_head
+        num_free = self._num_free
+        done: list[tuple[Any, int]] = []
+        append = done.append
+        bad = ""
+        for j in range(0, 2 * n, 2):
+            hid = vals[j]
+            ln = vals[j + 1]
+            # Linux virtqueue_get_buf_ctx_split() BAD_RING checks, plus the length check
+            # virtio-net does on receive.
+            if hid >= num:
+                bad = f"id {hid} out of range (num {num})"
+                break
+            meta = metas[hid]
+            if meta is None:
+                bad = f"id {hid} is not the head of a buffer in flight"
+                break
+            tok, tail, count, wlen = meta
+            if ln > wlen:
+                bad = f"id {hid} len {ln} exceeds its {wlen} writable bytes"
+                break
+            metas[hid] = None
+            nxt[tail] = free_head
+            free_head = hid
+            num_free += count
+            append((tok, ln))
+        if done:
+            k = len(done)
+            self._free_head = free_head
+            self._num_free = num_free
+            self._heads -= k
+            self._last_used = last = (last + k) & 0xFFFF
+            if self._event_idx:
+                if self._irq_enabled:
+                    # Re-arm for the next completion and order the store before the caller's
+                    # next used->idx load (virtqueue_get_buf_ctx_split: virtio_store_mb), else
+                    # a completion racing with this store would go unsignalled and unseen.
+                    self._st16(self._avail16, self._used_event_i, last)
+                    _full_fence()
+                else:
+                    # Keep it parked just behind us (see disable_interrupts).
+                    self._st16(self._avail16, self._used_event_i, (last - 1) & 0xFFFF)
+            return done
+        if bad:
+            raise IntegrityError(
+                self._op + " harvest", f"used ring entry at used idx {last}: {bad}"
+            )
+        return done
+
+    # -- interrupt (used buffer notification) suppression, virtio 1.2 §2.7.7 ----------------
+
+    def disable_interrupts(self) -> None:
+        """Ask the device not to signal the call eventfd (a hint; it may still do so).
+
+        Without EVENT_IDX: set VRING_AVAIL_F_NO_INTERRUPT.  With it the device ignores the
+        flags (which the driver must leave 0, §2.7.7.1), so park ``used_event`` one behind
+        ``last_used_idx``: the device would have to complete 65536 more buffers to reach it.
+        """
+        self._irq_enabled = False
+        if self._event_idx:
+            self._st16(self._avail16, self._used_event_i, (self._last_used - 1) & 0xFFFF)
+        else:
+            self._st16(self._avail16, 0, VRING_AVAIL_F_NO_INTERRUPT)
+
+    def enable_interrupts(self) -> bool:
+        """Ask for a signal on the next completion; True if completions are already waiting.
+
+        A True return means the caller must harvest again instead of sleeping: completions
+        that landed before the device saw the re-enable will not be signalled (Linux
+        ``virtqueue_enable_cb()`` returning false).
+        """
+        self._irq_enabled = True
+        if self._event_idx:
+            self._st16(self._avail16, self._used_event_i, self._last_used)
+        else:
+            self._st16(self._avail16, 0, 0)
+        _full_fence()  # store used_event/flags before loading used->idx (virtqueue_poll)
+        return self.has_used()
+
+    # -- introspection ---------------------------------------------------------------------
+
+    @property
+    def layout(self) -> RingLayout:
+        return self._layout
+
+    @property
+    def num(self) -> int:
+        return self._num
+
+    @property
+    def num_free(self) -> int:
+        """Free descriptors."""
+        return self._num_free
+
+    @property
+    def in_flight(self) -> int:
+        """Descriptors owned by the device or waiting for publish: ``num - num_free``."""
+        return self._num - self._num_free
+
+    @property
+    def outstanding(self) -> int:
+        """Chains (tokens) added and not yet harvested."""
+        return self._heads
+
+    @property
+    def pending(self) -> int:
+        """Heads added since the last :meth:`publish` (not yet visible to the device)."""
+        return self._added
+
+    @property
+    def avail_idx(self) -> int:
+        """Shadow avail index, including heads not yet published."""
+        return self._avail_shadow
+
+    @property
+    def last_used_idx(self) -> int:
+        """Used index up to which completions have been harvested."""
+        return self._last_used
+
+    @property
+    def event_idx(self) -> bool:
+        return self._event_idx
+
+    @property
+    def interrupts_enabled(self) -> bool:
+        return self._irq_enabled
+
+    @property
+    def vq(self) -> int | None:
+        return self._vq
+
+    @property
+    def desc_offset(self) -> int:
+        return self._layout.desc
+
+    @property
+    def avail_offset(self) -> int:
+        return self._layout.avail
+
+    @property
+    def used_offset(self) -> int:
+        return self._layout.used
