@@ -504,6 +504,11 @@ class SplitVring:
 
     # -- consuming -------------------------------------------------------------------------
 
+    @property
+    def used_idx(self) -> int:
+        """The device's ``used->idx`` as it is in memory now (may be ahead of harvest)."""
+        return self._ld16(self._used16, 1)
+
     def has_used(self) -> bool:
         """Are there completions waiting to be harvested?"""
         return self._ld16(self._used16, 1) != self._last_used

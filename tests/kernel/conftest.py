@@ -41,3 +41,32 @@ def link_exists(name: str) -> bool:
 
 def ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+class CliResult:
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+    def json(self):
+        import json
+
+        return json.loads(self.stdout)
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, stdout={self.stdout!r}, stderr={self.stderr!r})"
+
+
+def run_cli(*args: str) -> CliResult:
+    """Run vhostctl in-process (a Python start costs seconds in the VM)."""
+    from typer.testing import CliRunner
+
+    from vhostctl.cli import app
+    from vhostctl.cli import commands  # noqa: F401
+
+    r = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return CliResult(r.exit_code, r.stdout, r.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
