@@ -1,15 +1,13 @@
 """The datapath end to end on the real kernel: tap <-> vhost-net.ko <-> our rings, byte-exact.
 
-Frames carry a magic, a sequence number and deterministic filler; an AF_PACKET socket on the
-tap is the host-side peer (what a bridge or the stack would see).  The kernel itself sends
-IPv6 ND/MLD out of a fresh tap, so both directions filter on our magic.
+Frames carry a magic, a sequence number and deterministic filler (vhostctl.selftest's probe
+frames); an AF_PACKET socket on the tap is the host-side peer.  Every assertion compares whole
+frames byte for byte with what was sent.
 """
 
 from __future__ import annotations
 
 import os
-import select
-import socket
 import struct
 
 import pytest
@@ -17,79 +15,14 @@ import pytest
 from tests.kernel.conftest import link_exists
 from vhostctl import _fd
 from vhostctl.datapath import Datapath, DatapathConfig
+from vhostctl.selftest import host_receive, host_socket, probe_frame, ring_receive
 
-MAGIC = b"VHCT"
-PACKET_OUTGOING = 4
-SRC = bytes.fromhex("fe0000000001")
-DST = bytes.fromhex("fe0000000002")
-
-
-def frame(seq: int, size: int, flow: int = 0) -> bytes:
-    """An IPv4/UDP frame (so tun's flow hash spreads queues) with a checkable payload."""
-    head = DST + SRC + b"\x08\x00"
-    udp_len = size - 14 - 20
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, size - 14, seq & 0xFFFF, 0, 64, 17, 0,
-                     bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
-    udp = struct.pack("!HHHH", 1024 + flow, 4789, udp_len, 0)
-    body = MAGIC + struct.pack("!II", seq, size)
-    fill = bytes((seq * 7 + i) & 0xFF for i in range(size - len(head) - 28 - len(body)))
-    out = head + ip + udp + body + fill
-    if len(out) != size:
-        raise ValueError(size)
-    return out
-
-
-def is_ours(f: bytes) -> bool:
-    return f[42:46] == MAGIC
+TIMEOUT = 10.0
+SIZES = [60, 64, 128, 512, 1000, 1514]
 
 
 def seq_of(f: bytes) -> int:
     return struct.unpack_from("!I", f, 46)[0]
-
-
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # include/uapi/asm-generic/socket.h
-
-
-def host_socket(ifindex: int) -> socket.socket:
-    s = _fd.packet_socket(ifindex)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
-        s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 16 << 20)
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def host_collect(s: socket.socket, want: int, timeout: float = 10.0) -> list[bytes]:
-    """Our frames arriving on the tap from vhost (not our own outgoing ones)."""
-    got: list[bytes] = []
-    end = _now() + timeout
-    while len(got) < want:
-        left = end - _now()
-        if left <= 0 or not select.select([s], [], [], left)[0]:
-            break
-        data, addr = s.recvfrom(65536)
-        if addr[2] != PACKET_OUTGOING and is_ours(data):
-            got.append(data)
-    return got
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
-
-
-def ring_collect(dp: Datapath, want: int, timeout: float = 10.0) -> list[tuple[int, bytes]]:
-    got: list[tuple[int, bytes]] = []
-    end = _now() + timeout
-    while len(got) < want and _now() < end:
-        got.extend((q, f) for q, f in dp.recv_any(timeout=max(0.0, end - _now())) if is_ours(f))
-    return got
-
-
-SIZES = [60, 64, 128, 512, 1000, 1514]
 
 
 def roundtrip(dp: Datapath, sizes: list[int], count: int) -> None:
@@ -97,14 +30,14 @@ def roundtrip(dp: Datapath, sizes: list[int], count: int) -> None:
     s = host_socket(dp.ifindex)
     try:
         for qi in range(len(dp.queues)):
-            frames = [frame(i, sizes[i % len(sizes)], flow=qi) for i in range(count)]
+            frames = [probe_frame(i, sizes[i % len(sizes)], flow=qi) for i in range(count)]
             dp.send_all(frames, queue=qi)
-            got = host_collect(s, count)
+            got = host_receive(s, count, TIMEOUT)
             assert got == frames, f"TX queue {qi}: {len(got)}/{count} frames arrived intact"
-        sent = [frame(i, sizes[i % len(sizes)], flow=i) for i in range(count)]
+        sent = [probe_frame(i, sizes[i % len(sizes)], flow=i) for i in range(count)]
         for f in sent:
             s.send(f)
-        got = ring_collect(dp, count)
+        got = ring_receive(dp, count, TIMEOUT)
         assert sorted(f for _, f in got) == sorted(sent), \
             f"RX: {len(got)}/{count} frames, intact={sum(f in sent for _, f in got)}"
         by_queue = {}
@@ -131,10 +64,10 @@ def test_multiqueue_rx_spreads_over_queues(ifname, no_fd_leak):
     with Datapath(DatapathConfig(queues=4, tap_name=ifname)) as dp:
         s = host_socket(dp.ifindex)
         try:
-            sent = [frame(i, 128, flow=i) for i in range(256)]
+            sent = [probe_frame(i, 128, flow=i) for i in range(256)]
             for f in sent:
                 s.send(f)
-            got = ring_collect(dp, len(sent))
+            got = ring_receive(dp, len(sent), TIMEOUT)
         finally:
             s.close()
     assert sorted(f for _, f in got) == sorted(sent)
@@ -175,8 +108,8 @@ def test_stop_restart_mid_stream_loses_and_duplicates_nothing(ifname, no_fd_leak
     with Datapath(DatapathConfig(tap_name=ifname, ring_size=64)) as dp:
         s = host_socket(dp.ifindex)
         try:
-            tx = [frame(i, 200) for i in range(300)]
-            rx = [frame(1000 + i, 200) for i in range(300)]
+            tx = [probe_frame(i, 200) for i in range(300)]
+            rx = [probe_frame(1000 + i, 200) for i in range(300)]
             got_tx: list[bytes] = []
             got_rx: list[bytes] = []
             for chunk in range(0, 300, 100):
@@ -186,8 +119,8 @@ def test_stop_restart_mid_stream_loses_and_duplicates_nothing(ifname, no_fd_leak
                 # stop with frames possibly still queued on both sides, then resume
                 bases = dp.stop()
                 dp.start(bases=bases)
-                got_tx += host_collect(s, 100)
-                got_rx += [f for _, f in ring_collect(dp, 100)]
+                got_tx += host_receive(s, 100, TIMEOUT)
+                got_rx += [f for _, f in ring_receive(dp, 100, TIMEOUT)]
             dp.flush()
         finally:
             s.close()
