@@ -60,8 +60,10 @@ def run_cli(*args: str) -> CliResult:
     """Run vhostctl in-process (a Python start costs seconds in the VM)."""
     from typer.testing import CliRunner
 
-    from vhostctl.cli import app
-    from vhostctl.cli import commands  # noqa: F401
+    from vhostctl.cli import (
+        app,
+        commands,  # noqa: F401
+    )
 
     r = CliRunner().invoke(app, list(args), catch_exceptions=False)
     return CliResult(r.exit_code, r.stdout, r.stderr)

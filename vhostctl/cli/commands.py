@@ -1,0 +1,5 @@
+"""Import every command module so each registers on the app (imports stay cheap)."""
+
+from . import check as check
+from . import selftest as selftest
+from . import tap as tap
