@@ -3,3 +3,4 @@
 from . import check as check
 from . import selftest as selftest
 from . import tap as tap
+from . import vm as vm
