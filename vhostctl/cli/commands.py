@@ -3,4 +3,5 @@
 from . import check as check
 from . import selftest as selftest
 from . import tap as tap
+from . import up as up
 from . import vm as vm
