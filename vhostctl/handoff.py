@@ -98,6 +98,11 @@ def substitute(argv: list[str], tapfds: list[int], vhostfds: list[int]) -> list[
     return [a.replace(TAPFDS, t).replace(VHOSTFDS, v) for a in argv]
 
 
+def _number(text: str) -> bool:
+    """A numeric id: ASCII digits only ('²'.isdigit() is True, but int() refuses it)."""
+    return text.isascii() and text.isdigit()
+
+
 def resolve_identity(user: str | None, group: str | None) -> Identity | None:
     """Look the target user up before anything is opened; None means stay who we are."""
     if user is None:
@@ -106,8 +111,8 @@ def resolve_identity(user: str | None, group: str | None) -> Identity | None:
                                   "every capability", hint="add --user USER")
         return None
     try:
-        pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-    except KeyError:
+        pw = pwd.getpwuid(int(user)) if _number(user) else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
         raise ValidationError("--user", f"no user {user!r} in the password database") from None
     if pw.pw_uid == 0:
         raise ValidationError("--user", f"{user!r} is root: the command would keep every "
@@ -116,9 +121,8 @@ def resolve_identity(user: str | None, group: str | None) -> Identity | None:
     gid = pw.pw_gid
     if group is not None:
         try:
-            gid = (grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))
-                   ).gr_gid
-        except KeyError:
+            gid = (grp.getgrgid(int(group)) if _number(group) else grp.getgrnam(group)).gr_gid
+        except (KeyError, OverflowError):
             raise ValidationError("--group", f"no group {group!r}") from None
     groups = tuple(sorted(set(os.getgrouplist(pw.pw_name, gid))))
     if os.geteuid() != 0 and pw.pw_uid != os.getuid():

@@ -23,6 +23,7 @@ from typing import Any
 from . import _fd
 from ._uapi import if_tun as T
 from ._uapi import vhost as V
+from ._uapi.nsfs import NS_GET_USERNS
 from ._uapi.virtio_net import FEATURES
 from .errors import VhostctlError
 
@@ -333,12 +334,43 @@ def _workers(p: HostPaths, params: dict[str, str]) -> Check:
     return Check("vhost workers", None, detail, data=data)
 
 
+def netns_in_scope(proc: str) -> bool | None:
+    """Is this process's network namespace owned by its user namespace (or a descendant)?
+
+    Capabilities count only over namespaces their user namespace owns: after ``unshare -U``
+    CapEff shows every bit, yet TUNSETIFF still answers EPERM in the host's network
+    namespace.  NS_GET_USERNS on /proc/self/ns/net returns EPERM exactly when the owner is
+    outside our user namespace's scope (ns_get_owner() in fs/nsfs.c).  None when unknown.
+    """
+    try:
+        fd = _fd.open_dev(os.path.join(proc, "self", "ns", "net"), os.O_RDONLY)
+    except VhostctlError:
+        return None
+    try:
+        owner = _fd.ioctl(fd, NS_GET_USERNS, op="NS_GET_USERNS")
+    except VhostctlError as e:
+        return False if e.errno == errno.EPERM else None
+    finally:
+        _fd.close(fd)
+    _fd.close(owner)
+    return True
+
+
 def _cap(p: HostPaths) -> Check:
     eff = cap_effective(p.proc)
     if eff is None:
         return Check("CAP_NET_ADMIN", None, "unknown: no CapEff in /proc/self/status")
     has = bool(eff >> CAP_NET_ADMIN & 1)
-    data = {"cap_eff": f"{eff:#x}"}
+    data: dict[str, Any] = {"cap_eff": f"{eff:#x}"}
+    if has and netns_in_scope(p.proc) is False:
+        data["user_namespace"] = True
+        return Check("CAP_NET_ADMIN", False,
+                     "missing over this network namespace: CapEff has it, but only inside a "
+                     "user namespace that does not own the network namespace (unshare -U); "
+                     "creating or changing taps fails with EPERM",
+                     "run vhostctl in the host's user namespace as root, or give the user "
+                     "namespace its own network namespace (unshare -U -n) and use taps there",
+                     data)
     if has:
         return Check("CAP_NET_ADMIN", True, "effective: may create taps and change links",
                      data=data)

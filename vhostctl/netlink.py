@@ -11,9 +11,12 @@ opens its own on first use and closes it with :meth:`Netlink.close`.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
+import socket
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -209,6 +212,43 @@ def validate_netns(name: str, run_dir: str = NETNS_RUN_DIR) -> str:
     return name
 
 
+CLONE_NEWNET = 0x40000000  # include/uapi/linux/sched.h
+
+
+def _netns_socket(netns: str) -> int:
+    """An rtnetlink socket (its fd) created inside the named network namespace.
+
+    A socket belongs to the namespace it was created in.  setns(CLONE_NEWNET) changes only
+    the calling thread's namespace, so a short-lived thread enters the namespace, creates the
+    socket and ends: this process never moves, and nothing is forked (pyroute2's own netns
+    support forks a child per socket, which costs seconds under emulation).  The namespace
+    must exist: it is opened, never created.
+    """
+    validate_netns(netns)
+    nsfd = _fd.open_dev(os.path.join(NETNS_RUN_DIR, netns), os.O_RDONLY)
+    out: dict[str, Any] = {}
+
+    def enter_and_create() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(nsfd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            out["sock"] = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0)  # NETLINK_ROUTE
+        except OSError as e:
+            out["err"] = e.errno or errno.EIO
+
+    try:
+        worker = threading.Thread(target=enter_and_create, name=f"netns-{netns}")
+        worker.start()
+        worker.join()
+    finally:
+        _fd.close(nsfd)
+    if "sock" not in out:
+        raise SyscallError(f"rtnetlink socket in netns {netns}", out.get("err", errno.EIO))
+    return out["sock"].detach()
+
+
 class Netlink:
     """Verb-shaped link operations over one rtnetlink socket.
 
@@ -227,8 +267,18 @@ class Netlink:
             try:
                 from pyroute2 import IPRoute
 
-                # flags=0: never create the namespace (pyroute2's default is O_CREAT).
-                self._ipr = IPRoute(netns=self.netns, flags=0) if self.netns else IPRoute()
+                _fd.faults.check("rtnetlink socket")
+                if self.netns:
+                    fd = _netns_socket(self.netns)
+                    try:
+                        self._ipr = IPRoute(fileno=fd)
+                    except BaseException:
+                        _fd.close(fd)
+                        raise
+                else:
+                    self._ipr = IPRoute()
+            except VhostctlError:
+                raise
             except OSError as e:
                 where = f" in netns {self.netns}" if self.netns else ""
                 raise SyscallError(f"rtnetlink socket{where}", e.errno or errno.EIO) from None
@@ -249,6 +299,7 @@ class Netlink:
         from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
 
         try:
+            _fd.faults.check(op)  # every request is a kernel call the fault tests can fail
             return fn(*args, **kwargs)
         except PyNetlinkError as e:
             extack = str(e.args[1]) if len(e.args) > 1 and e.args[1] else ""
@@ -272,12 +323,16 @@ class Netlink:
         """The link called ``name``, or None if there is none."""
         from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
 
+        ip = self._ip()
         try:
-            msgs = self._ip().link("get", ifname=name)
+            _fd.faults.check(f"RTM_GETLINK {name}")
+            msgs = ip.link("get", ifname=name)
         except PyNetlinkError as e:
             if e.code == errno.ENODEV:
                 return None
             raise NetlinkError(f"RTM_GETLINK {name}", e.code or errno.EIO) from None
+        except OSError as e:
+            raise NetlinkError(f"RTM_GETLINK {name}", e.errno or errno.EIO) from None
         return self._resolve_master(parse_link(msgs[0])) if msgs else None
 
     def link(self, name: str) -> Link:

@@ -92,7 +92,7 @@ def as_fds(value: Any) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,) if value >= 0 else ()
     items = value if isinstance(value, list) else str(value).split(":")
-    return tuple(int(x) for x in (str(i).strip() for i in items) if x.isdigit())
+    return tuple(int(x) for x in (str(i).strip() for i in items) if x.isascii() and x.isdigit())
 
 
 def _as_int(value: Any) -> int | None:
@@ -100,7 +100,7 @@ def _as_int(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         return int(value.strip())
     return None
 

@@ -123,6 +123,7 @@ class SelftestReport:
 def run_selftest(config: DatapathConfig, frames: int = 256, sizes: Sequence[int] = (60, 512, 1514),
                  timeout: float = 10.0) -> SelftestReport:
     """Stand up the datapath, push ``frames`` each way per queue, verify, tear down."""
+    config.validate()  # first: a bad MTU must be named as such, not as a frame size
     if frames < 1:
         raise ValidationError("selftest", f"--frames {frames}: at least 1")
     limit = config.mtu + 14

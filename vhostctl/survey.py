@@ -401,8 +401,10 @@ class Scanner:
                 return None
 
         link.tun_flags = num("tun_flags", base10=False)
-        if link.tun_flags is not None:
+        if link.tun_flags is not None and link.tun_flags >= 0:
             link.flags = T.IFF_FLAGS.decode(link.tun_flags)
+        else:
+            link.tun_flags = None
         owner, group = num("owner"), num("group")
         link.owner = owner if owner is not None and owner >= 0 else None
         link.group = group if group is not None and group >= 0 else None
@@ -595,9 +597,11 @@ def nic_warnings(nic: Nic) -> list[str]:
         out.append(f"tap {tap} is DOWN: {mover} moves no packets until it is up "
                    f"(ip link set {tap} up)")
     if tap and link is not None and link.persist and link.owner is None and link.group is None:
-        out.append(f"persistent tap {tap} has no owner or group: only a process with "
-                   "CAP_NET_ADMIN can attach to it again (set one with TUNSETOWNER/TUNSETGROUP, "
-                   "e.g. ip tuntap add ... user U)")
+        # drivers/net/tun.c tun_not_capable(): without an owner or group, any process that
+        # can open /dev/net/tun passes TUNSETIFF on this device.
+        out.append(f"persistent tap {tap} has no owner or group: on most kernels any process "
+                   "that can open /dev/net/tun may attach a queue to it (set one: "
+                   f"vhostctl tap del {tap}; vhostctl tap add {tap} --owner USER)")
     if nic.path == PATH_VHOST_NET and len(nic.vhost_fds) < len(nic.tap_fds):
         out.append(f"{len(nic.vhost_fds)} vhost-net fd(s) for {len(nic.tap_fds)} queue pairs: "
                    "queues without one are moved by the VMM in userspace")

@@ -13,11 +13,13 @@ under it, and its procfs root is a parameter.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import grp
 import os
 import pwd
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,7 +28,8 @@ from . import _fd
 from ._uapi import if_tun as T
 from .errors import IoctlError, UnsupportedError, ValidationError, VhostctlError
 from .netlink import IFF_LOWER_UP, Link, Netlink, validate_mac, validate_netns
-from .tun import MAX_TAP_QUEUES, Tap, validate_ifname
+from .tun import MAX_TAP_QUEUES, Holder, Tap, scan_holders, validate_ifname
+from .tun import HolderScan as HolderScan  # re-exported: list/show report it
 
 # drivers/net/tun.c tun_net_init(): min_mtu = MIN_MTU (68), max_mtu = MAX_MTU (65535) minus
 # the hard header, ETH_HLEN (14) for a tap.
@@ -45,30 +48,29 @@ _STATS = ("rx_packets", "rx_bytes", "rx_errors", "rx_dropped",
 # -- validation ------------------------------------------------------------------------------
 
 
+def _resolve_id(what: str, value: str | int, lookup: Any) -> int:
+    """A numeric id as given (ASCII digits only), else ``lookup(name)``; a ValidationError
+    for anything the kernel could not take as an owner or group."""
+    if isinstance(value, int) or (value.isascii() and value.isdigit()):
+        n = int(value)
+        if not 0 <= n < 2**32 - 1:  # (uid_t)-1 means "no owner" to the kernel
+            raise ValidationError(what, f"{what} id {n} out of range 0..{2**32 - 2}")
+        return n
+    try:
+        return lookup(value)
+    except (KeyError, ValueError):  # unknown, or not a name at all (an embedded NUL)
+        raise ValidationError(what, f"no such {'user' if what == 'owner' else what} "
+                              f"{value!r}") from None
+
+
 def resolve_user(user: str | int) -> int:
     """A uid from a user name or number; unknown names are a ValidationError."""
-    if isinstance(user, int) or str(user).isdigit():
-        uid = int(user)
-        if uid >= 2**32 - 1:  # (uid_t)-1 means "no owner" to the kernel
-            raise ValidationError("owner", f"uid {uid} out of range")
-        return uid
-    try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        raise ValidationError("owner", f"no such user {user!r}") from None
+    return _resolve_id("owner", user, lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def resolve_group(group: str | int) -> int:
     """A gid from a group name or number; unknown names are a ValidationError."""
-    if isinstance(group, int) or str(group).isdigit():
-        gid = int(group)
-        if gid >= 2**32 - 1:
-            raise ValidationError("group", f"gid {gid} out of range")
-        return gid
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ValidationError("group", f"no such group {group!r}") from None
+    return _resolve_id("group", group, lambda name: grp.getgrnam(name).gr_gid)
 
 
 def user_name(uid: int | None) -> str | None:
@@ -89,6 +91,23 @@ def group_name(gid: int | None) -> str | None:
         return str(gid)
 
 
+def invoking_uid() -> int:
+    """The user who asked: the one behind sudo (SUDO_UID) when run through it, else the
+    effective uid.
+
+    A persistent tap with neither owner nor group can be attached by *any* process that can
+    open /dev/net/tun: tun_not_capable() in drivers/net/tun.c refuses a caller only when an
+    owner or group is set and does not match.  (Commit 3ca459eaba1b, "tun: fix group
+    permission check", required CAP_NET_ADMIN there instead and reached some stable kernels
+    before it was reverted in 2025: on those only root may attach.)  So ``tap add`` never
+    leaves both unset.
+    """
+    sudo = os.environ.get("SUDO_UID", "")
+    if os.geteuid() == 0 and sudo.isdigit() and int(sudo) < 2**32 - 1:
+        return int(sudo)
+    return os.geteuid()
+
+
 def random_mac() -> str:
     """A random locally administered unicast MAC starting with 0xfe.
 
@@ -103,6 +122,9 @@ def parse_offloads(text: str | Iterable[str] | None, *, vnet_hdr: bool) -> int:
     if not text:
         return 0
     value = T.OFFLOADS.encode(text)
+    if value & ~T.OFFLOADS.mask:  # "bit40"/"0x..." spellings name bits, not offloads
+        raise ValidationError("offload", f"{text!r} names bits that are not offloads",
+                              hint="valid: " + ", ".join(T.OFFLOADS.short_names()))
     if value and not vnet_hdr:
         raise ValidationError("offload", "offloads need a vnet header: drop --no-vnet-hdr")
     if value & _NEEDS_CSUM and not value & T.TUN_F_CSUM:
@@ -154,9 +176,11 @@ def make_spec(name: str, *, queues: int = 1, vnet_hdr: bool = True,
         if netns is not None:
             raise ValidationError("bridge", "--bridge and --netns exclude each other: the "
                                   "bridge is in this namespace, the tap would not be")
+    if owner is None and group is None:
+        owner = invoking_uid()
     return TapSpec(
         name=name, queues=queues, vnet_hdr=vnet_hdr,
-        owner=None if owner is None else resolve_user(owner),
+        owner=resolve_user(owner) if owner is not None else None,
         group=None if group is None else resolve_group(group),
         bridge=bridge, mtu=mtu,
         mac=None if mac is None else validate_mac(mac),
@@ -166,76 +190,6 @@ def make_spec(name: str, *, queues: int = 1, vnet_hdr: bool = True,
 
 
 # -- reading taps back -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Holder:
-    """A process holding one queue fd of a tap."""
-
-    pid: int
-    comm: str
-    fd: int
-
-
-@dataclass(frozen=True)
-class HolderScan:
-    """Who holds which tap; ``unreadable`` processes could not be inspected (not root)."""
-
-    by_name: dict[str, list[Holder]]
-    unreadable: int = 0
-
-
-def _is_tun_fd(target: str) -> bool:
-    return target.endswith("net/tun")
-
-
-def scan_holders(proc: str = "/proc") -> HolderScan:
-    """Every process fd attached to a tun/tap, by interface name.
-
-    A process or fd may vanish at any point: a vanished fd is skipped; a process is
-    checked once after its fds were read and dropped if it is gone (psutil's rule).
-    """
-    found: dict[str, list[Holder]] = {}
-    unreadable = 0
-    try:
-        pids = [int(d) for d in os.listdir(proc) if d.isdigit()]
-    except OSError as e:
-        raise VhostctlError(f"list {proc}", e.errno or errno.EIO) from None
-    for pid in sorted(pids):
-        base = os.path.join(proc, str(pid))
-        try:
-            fds = os.listdir(os.path.join(base, "fd"))
-        except PermissionError:
-            unreadable += 1
-            continue
-        except OSError:  # gone, or a kernel thread's fd dir
-            continue
-        mine: list[tuple[str, int]] = []
-        for entry in fds:
-            if not entry.isdigit():
-                continue
-            try:
-                if not _is_tun_fd(os.readlink(os.path.join(base, "fd", entry))):
-                    continue
-                with open(os.path.join(base, "fdinfo", entry), encoding="utf-8",
-                          errors="replace") as f:
-                    info = f.read()
-            except OSError:
-                continue
-            for line in info.splitlines():
-                key, _, value = line.partition(":")
-                if key == "iff" and value.strip():
-                    mine.append((value.strip(), int(entry)))
-        if not mine:
-            continue
-        try:
-            with open(os.path.join(base, "comm"), encoding="utf-8", errors="replace") as f:
-                comm = f.read().strip()
-        except OSError:
-            continue  # exited while we looked: its fds are closed now
-        for name, fd in mine:
-            found.setdefault(name, []).append(Holder(pid, comm, fd))
-    return HolderScan(found, unreadable)
 
 
 _SYS_pidfd_getfd = 438  # the same on every architecture but alpha (unified syscall table)
@@ -254,8 +208,10 @@ def holder_vnet_hdr_sz(name: str, holders: list[Holder]) -> int | None:
     """The tap's vnet header size, read through a copy of a holder's fd (pidfd_getfd).
 
     Reading it otherwise means attaching a queue, which would disturb a running VM.  The
-    copied fd is close-on-exec (pidfd_getfd(2) always sets it) and closed at once.  Needs
-    ptrace rights over the holder; None when that or anything else fails.
+    copied fd is close-on-exec (pidfd_getfd(2) always sets it) and closed at once.  The
+    holder may have closed that fd number and reused it since the scan, so the copy is
+    identified by the kernel (rdev 10:200, TUNGETIFF naming ``name``) before any TUN ioctl.
+    Needs ptrace rights over the holder; None when that or anything else fails.
     """
     for h in holders:
         try:
@@ -268,7 +224,11 @@ def holder_vnet_hdr_sz(name: str, holders: list[Holder]) -> int | None:
             continue
         finally:
             _fd.close(pidfd)
-        with Tap(fd, name, 0) as tap:
+        try:
+            tap = Tap.adopt(fd, name)
+        except VhostctlError:
+            continue
+        with tap:
             try:
                 return tap.vnet_hdr_sz
             except VhostctlError:
@@ -328,9 +288,10 @@ def tap_info(link: Link, holders: list[Holder]) -> TapInfo:
         raise ValidationError("tap", f"{link.name} is not a tun/tap link (kind {link.kind})")
     warnings = []
     if t.persist and t.owner is None and t.group is None:
-        warnings.append(f"{link.name} is persistent with neither owner nor group: only "
-                        "processes with CAP_NET_ADMIN can attach it; recreate it with "
-                        f"vhostctl tap add {link.name} --owner USER")
+        warnings.append(f"{link.name} is persistent with neither owner nor group: on most "
+                        "kernels any process that can open /dev/net/tun may attach a queue to "
+                        f"it; recreate it with one: vhostctl tap del {link.name}; vhostctl "
+                        f"tap add {link.name} --owner USER")
     queues, disabled = t.num_queues, t.num_disabled_queues
     if not t.multi_queue:
         # tun_fill_info() counts queues of multi-queue taps only.  A single-queue tap has
@@ -434,12 +395,15 @@ def _shown(label: str, value: Any) -> str:
     return str(value)
 
 
-def create(spec: TapSpec, nl: Netlink, *, persist: bool, mtu: int | None = None) -> list[Tap]:
+def create(spec: TapSpec, nl: Netlink, *, persist: bool, mtu: int | None = None,
+           bridge_mac: str | None = None) -> list[Tap]:
     """Create the tap and configure it; return its open queue fds (the caller closes them).
 
     Order: queues (IFF_TUN_EXCL) -> owner/group -> offloads -> MTU, MAC, master, up (or the
     namespace move) -> persist last.  On any failure every fd is closed before the error
-    propagates: the tap is not persistent yet, so the kernel deletes it with its last fd.
+    propagates: the tap is not persistent yet, so the kernel deletes it with its last fd;
+    the bridge gets back ``bridge_mac``, the address it had before (see
+    :func:`restore_bridge_mac`).
     """
     taps = Tap.open_queues(spec.name, spec.queues, vnet_hdr=spec.vnet_hdr, exclusive=True)
     try:
@@ -474,8 +438,26 @@ def create(spec: TapSpec, nl: Netlink, *, persist: bool, mtu: int | None = None)
     except BaseException:
         for t in taps:
             t.close()
+        if spec.bridge is not None:
+            restore_bridge_mac(nl, spec.bridge, bridge_mac)
         raise
     return taps
+
+
+def restore_bridge_mac(nl: Netlink, bridge: str, mac: str | None) -> None:
+    """Give a bridge back the address it had before our tap joined it and left again.
+
+    A bridge whose address was never set follows its ports: with our tap as its only port
+    it takes the tap's address, and once the tap is gone it keeps a zero address
+    (br_stp_recalculate_bridge_id() in net/bridge/br_stp_if.c; seen on 6.12, not on 6.1).
+    Best effort, on failure paths only: the error being reported matters more.
+    """
+    if mac is None:
+        return
+    with contextlib.suppress(VhostctlError):
+        now = nl.find(bridge)
+        if now is not None and (now.mac or "").lower() != mac.lower():
+            nl.set_mac(bridge, mac)
 
 
 @dataclass(frozen=True)
@@ -487,7 +469,7 @@ class AddResult:
         return {"created": self.created, "tap": self.tap.to_dict()}
 
 
-def _bridge_mtu(nl: Netlink, bridge: str) -> int | None:
+def _bridge(nl: Netlink, bridge: str) -> Link:
     link = nl.find(bridge)
     if link is None:
         raise ValidationError("bridge", f"{bridge!r} does not exist",
@@ -495,7 +477,39 @@ def _bridge_mtu(nl: Netlink, bridge: str) -> int | None:
     if not link.is_bridge:
         raise ValidationError("bridge", f"{bridge!r} is a {link.kind or 'plain'} link, not a "
                               "bridge")
-    return link.mtu
+    return link
+
+
+# How long ``--exist-ok`` waits for a tap that a concurrent ``tap add`` is still configuring
+# (it becomes persistent last) before comparing it; generous, since a busy or emulated host
+# may take seconds, and only a non-persistent tap held by a running process waits it out.
+SETTLE_SECONDS = 20.0
+
+
+def _find_settled(nl: Netlink, name: str, deadline: float, wait: bool) -> Link | None:
+    """The link called ``name``; with ``wait``, once it is no longer a tap being set up
+    (not yet persistent) or the deadline has passed.  None if there is (or is no longer) one.
+    Polls with a growing pause, so waiting contenders do not starve the one that creates.
+    """
+    link = nl.find(name)
+    pause = 0.02
+    while (wait and link is not None and link.tun is not None and not link.tun.persist
+           and time.monotonic() < deadline):
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 0.5)
+        link = nl.find(name)
+    return link
+
+
+def _remove_created(name: str, nl: Netlink, err: BaseException) -> None:
+    """Delete a tap this command created, when a later step failed (RTM_DELLINK)."""
+    try:
+        nl.delete(name)
+    except VhostctlError as e:
+        if isinstance(err, VhostctlError):
+            err.hint = "; ".join(filter(None, [
+                err.hint, f"{name} was created but could not be removed again ({e}): "
+                f"vhostctl tap del {name}"]))
 
 
 def add(spec: TapSpec, *, exist_ok: bool = False, nl: Netlink | None = None,
@@ -505,28 +519,36 @@ def add(spec: TapSpec, *, exist_ok: bool = False, nl: Netlink | None = None,
     nl = nl or Netlink()
     ns_nl = Netlink(netns=spec.netns) if spec.netns else nl
     try:
-        mtu = _bridge_mtu(nl, spec.bridge) if spec.bridge is not None else spec.mtu
-        existing = ns_nl.find(spec.name) if spec.netns else None
+        br = _bridge(nl, spec.bridge) if spec.bridge is not None else None
+        bridge_mac = br.mac if br is not None else None
+        mtu = br.mtu if br is not None else spec.mtu
+        deadline = time.monotonic() + SETTLE_SECONDS
+        existing = _find_settled(ns_nl, spec.name, deadline, exist_ok) if spec.netns else None
         created = False
-        if existing is None:
+        while existing is None:
             try:
-                for t in create(spec, nl, persist=True, mtu=mtu):
+                for t in create(spec, nl, persist=True, mtu=mtu, bridge_mac=bridge_mac):
                     t.close()
                 created = True
+                break
             except IoctlError as e:
                 if e.errno != errno.EBUSY:
                     raise
-                # IFF_TUN_EXCL: the name is taken (tun_set_iff() in drivers/net/tun.c).
-                if spec.netns:
-                    raise VhostctlError(f"tap add {spec.name}", errno.EEXIST,
-                                        "a link of that name exists in this namespace, "
-                                        f"not in {spec.netns}") from None
-                existing = nl.find(spec.name)
-                if existing is None:
-                    raise VhostctlError(f"tap add {spec.name}", errno.EBUSY,
-                                        hint="the name was taken and freed again while we "
-                                        "tried; retry") from None
-        if not created:
+            # IFF_TUN_EXCL: the name is taken (tun_set_iff() in drivers/net/tun.c).
+            if spec.netns:
+                raise VhostctlError(f"tap add {spec.name}", errno.EEXIST,
+                                    "a link of that name exists in this namespace, "
+                                    f"not in {spec.netns}")
+            existing = _find_settled(nl, spec.name, deadline, exist_ok)
+            if existing is None and time.monotonic() >= deadline:
+                raise VhostctlError(f"tap add {spec.name}", errno.EBUSY,
+                                    hint="the name was taken and freed again while we "
+                                    "tried; retry")
+        if existing is not None:
+            if not existing.is_tun:
+                raise VhostctlError(f"tap add {spec.name}", errno.EEXIST,
+                                    f"exists and is not a tap (kind is "
+                                    f"{existing.kind or 'none'})", hint="choose another name")
             if not exist_ok:
                 raise VhostctlError(f"tap add {spec.name}", errno.EEXIST,
                                     hint="pass --exist-ok to accept an identical tap")
@@ -534,9 +556,19 @@ def add(spec: TapSpec, *, exist_ok: bool = False, nl: Netlink | None = None,
             if diff:
                 raise VhostctlError(f"tap add {spec.name}", errno.EEXIST,
                                     "exists and differs: " + "; ".join(diff))
-        link = ns_nl.link(spec.name)
-        holders = [] if spec.netns else scan_holders(proc).by_name.get(spec.name, [])
-        return AddResult(created, tap_info(link, holders))
+        try:
+            link = ns_nl.link(spec.name)
+            # A tap we just created exclusively and closed has no holder: skip the scan of
+            # every process's fds (the slowest part of add on a busy host).
+            holders = [] if spec.netns or created else \
+                scan_holders(proc).by_name.get(spec.name, [])
+            return AddResult(created, tap_info(link, holders))
+        except BaseException as e:
+            if created:  # "failed" must mean "nothing changed": take the new tap away again
+                _remove_created(spec.name, ns_nl, e)
+                if spec.bridge is not None:
+                    restore_bridge_mac(nl, spec.bridge, bridge_mac)
+            raise
     finally:
         if ns_nl is not nl:
             ns_nl.close()

@@ -9,17 +9,22 @@ therefore always set last, by the caller, once everything else worked.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 import socket
+import stat
+from dataclasses import dataclass
 
 from . import _fd
 from ._uapi import if_tun as T
 from ._uapi.virtio_net import virtio_net_hdr
-from .errors import ValidationError
+from .errors import IoctlError, ValidationError, VhostctlError
 
 TUN_PATH = "/dev/net/tun"
+TUN_RDEV = (10, 200)  # MISC_MAJOR, TUN_MINOR (include/linux/miscdevice.h)
 MAX_TAP_QUEUES = 256  # drivers/net/tun.c: MAX_TAP_QUEUES
+SYS_NET = "/sys/class/net"
 
 # The kernel keeps names in char[IFNAMSIZ] including the NUL (include/uapi/linux/if.h), and
 # dev_valid_name() (net/core/dev.c) rejects "", ".", "..", '/', ':' and whitespace.  We are
@@ -86,7 +91,11 @@ class Tap(_fd.OwnedFd):
         fd = _fd.open_dev(TUN_PATH)
         try:
             req = _ifreq(name, want | (T.IFF_TUN_EXCL if exclusive else 0))
-            _fd.ioctl(fd, T.TUNSETIFF, req)
+            try:
+                _fd.ioctl(fd, T.TUNSETIFF, req)
+            except IoctlError as e:
+                e.hint = explain_setiff(name, want, e.errno or 0, exclusive=exclusive) or e.hint
+                raise
             got = cls._getiff(fd)
             self = cls(fd, got.ifr_name.decode(), got.ifr_flags & 0xFFFF)
         except BaseException:
@@ -118,6 +127,28 @@ class Tap(_fd.OwnedFd):
                 t.close()
             raise
         return taps
+
+    @classmethod
+    def adopt(cls, fd: int, name: str | None = None) -> Tap:
+        """Own an fd that came from outside (another process, an inherited number), after
+        asking the kernel what it is: the tun character device (fstat rdev 10:200) attached
+        to an interface (TUNGETIFF), called ``name`` when given.  Anything else is closed
+        and refused, so no TUN ioctl ever reaches another driver that reuses its number.
+        """
+        try:
+            st = _fd.call(f"fstat({fd})", os.fstat, fd)
+            rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            if not stat.S_ISCHR(st.st_mode) or rdev != TUN_RDEV:
+                raise ValidationError(f"fd {fd}", "is not a tun/tap queue (not /dev/net/tun "
+                                      f"{TUN_RDEV[0]}:{TUN_RDEV[1]})")
+            got = cls._getiff(fd)
+            have = got.ifr_name.decode()
+            if name is not None and have != name:
+                raise ValidationError(f"fd {fd}", f"is a queue of {have!r}, not of {name!r}")
+        except BaseException:
+            _fd.close(fd)
+            raise
+        return cls(fd, have, got.ifr_flags & 0xFFFF)
 
     @staticmethod
     def _getiff(fd: int) -> T.ifreq:
@@ -226,3 +257,136 @@ def tun_features() -> int:
     finally:
         _fd.close(fd)
 
+
+
+# -- why TUNSETIFF failed --------------------------------------------------------------------
+
+
+def _sys_read(name: str, attr: str) -> str | None:
+    try:
+        with open(os.path.join(SYS_NET, name, attr), encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def explain_setiff(name: str, flags: int, err: int, *, exclusive: bool = False) -> str:
+    """A precise hint for a refused TUNSETIFF, from what sysfs and procfs say about ``name``.
+
+    tun_set_iff() in drivers/net/tun.c: EBUSY for an existing name with IFF_TUN_EXCL or a
+    single-queue tap whose queue is held; EINVAL for a link that is not a tun/tap or differs
+    in tun/tap or multi-queue; EPERM without CAP_NET_ADMIN over the tap's namespace unless
+    owner/group match.  "" when there is nothing better than the generic hint.
+    """
+    exists = os.path.exists(os.path.join(SYS_NET, name))
+    tun_flags = _sys_read(name, "tun_flags")
+    if err == errno.EBUSY:
+        if exclusive:
+            return f"a link named {name} already exists: choose another name"
+        holders = scan_holders().by_name.get(name, [])
+        if holders:
+            who = ", ".join(f"pid {h.pid} ({h.comm}) fd {h.fd}" for h in holders)
+            return f"{name} is a single-queue tap and its queue is held by {who}"
+        return (f"{name} is a single-queue tap and its queue is held (by a vhost backend or "
+                "a process this user cannot inspect)")
+    if err == errno.EINVAL and exists:
+        if tun_flags is None:
+            return f"{name} exists and is not a tun/tap device: choose another name"
+        try:
+            have = int(tun_flags, 16)
+        except ValueError:
+            return ""
+        if (have & T.IFF_MULTI_QUEUE) != (flags & T.IFF_MULTI_QUEUE):
+            if have & T.IFF_MULTI_QUEUE:
+                return (f"{name} is a multi-queue tap; attach it with multi-queue "
+                        "(more than one queue)")
+            return (f"{name} is a single-queue tap: it takes exactly one queue "
+                    "(recreate it with several queues to use more)")
+        if (have & T.TUN_TYPE_MASK) != (flags & T.TUN_TYPE_MASK):
+            kind = "tun" if have & T.IFF_TUN else "tap"
+            return f"{name} is a {kind} device, not the kind asked for"
+        return ""
+    if err == errno.EPERM:
+        if not exists:
+            return ("creating a tap needs CAP_NET_ADMIN over this network namespace "
+                    "(run as root; a user namespace of its own does not give it)")
+        owner, group = _sys_read(name, "owner"), _sys_read(name, "group")
+        parts = [f"{what} {value}" for what, value in (("owner", owner), ("group", group))
+                 if value not in (None, "-1")]
+        return (f"attaching {name} needs CAP_NET_ADMIN, or to match its "
+                + (" and ".join(parts) if parts else "owner/group (it has none)"))
+    return ""
+
+
+# -- who holds a tap ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process holding one queue fd of a tap."""
+
+    pid: int
+    comm: str
+    fd: int
+
+
+@dataclass(frozen=True)
+class HolderScan:
+    """Who holds which tap; ``unreadable`` processes could not be inspected (not root)."""
+
+    by_name: dict[str, list[Holder]]
+    unreadable: int = 0
+
+
+def _is_tun_fd(target: str) -> bool:
+    return target.endswith("net/tun")
+
+
+def scan_holders(proc: str = "/proc") -> HolderScan:
+    """Every process fd attached to a tun/tap, by interface name.
+
+    Holders of tap queues are found in ``/proc/PID/fdinfo/FD`` (``iff:\\t<name>``, written
+    by tun_chr_show_fdinfo() in drivers/net/tun.c).  A process or fd may vanish at any
+    point: a vanished fd is skipped; a process is checked once after its fds were read and
+    dropped if it is gone (psutil's rule).
+    """
+    found: dict[str, list[Holder]] = {}
+    unreadable = 0
+    try:
+        pids = [int(d) for d in os.listdir(proc) if d.isdigit()]
+    except OSError as e:
+        raise VhostctlError(f"list {proc}", e.errno or errno.EIO) from None
+    for pid in sorted(pids):
+        base = f"{proc}/{pid}"
+        try:
+            fds = os.listdir(f"{base}/fd")
+        except PermissionError:
+            unreadable += 1
+            continue
+        except OSError:  # gone, or a kernel thread's fd dir
+            continue
+        mine: list[tuple[str, int]] = []
+        for entry in fds:
+            if not entry.isdigit():
+                continue
+            try:
+                if not _is_tun_fd(os.readlink(f"{base}/fd/{entry}")):
+                    continue
+                with open(f"{base}/fdinfo/{entry}", encoding="utf-8", errors="replace") as f:
+                    info = f.read()
+            except OSError:
+                continue
+            for line in info.splitlines():
+                key, _, value = line.partition(":")
+                if key == "iff" and value.strip():
+                    mine.append((value.strip(), int(entry)))
+        if not mine:
+            continue
+        try:
+            with open(f"{base}/comm", encoding="utf-8", errors="replace") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue  # exited while we looked: its fds are closed now
+        for name, fd in mine:
+            found.setdefault(name, []).append(Holder(pid, comm, fd))
+    return HolderScan(found, unreadable)

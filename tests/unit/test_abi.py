@@ -68,6 +68,7 @@ HEADERS = (
     "net/if.h",
     "linux/filter.h",
     "linux/if_tun.h",
+    "linux/nsfs.h",
     "linux/vhost.h",
     "linux/virtio_config.h",
     "linux/virtio_net.h",

@@ -122,7 +122,7 @@ KNOWN_STRUCTS: dict[str, tuple[int, int, dict[str, tuple[int, int | None]], str]
     ),
 }
 
-UAPI_MODULES = ("if_tun", "vhost", "virtio_config", "virtio_net", "virtio_ring")
+UAPI_MODULES = ("if_tun", "nsfs", "vhost", "virtio_config", "virtio_net", "virtio_ring")
 
 
 def uapi_modules() -> list:

@@ -37,7 +37,9 @@ def add(
         "so.")] = True,
     owner: Annotated[str | None, typer.Option(
         "--owner", metavar="USER",
-        help="User (name or uid) allowed to attach the tap without CAP_NET_ADMIN.")] = None,
+        help="User (name or uid) allowed to attach the tap without CAP_NET_ADMIN.  With "
+        "neither --owner nor --group, the owner is the invoking user (SUDO_UID under sudo, "
+        "else the effective uid): a tap with neither can be attached by anyone.")] = None,
     group: Annotated[str | None, typer.Option(
         "--group", metavar="GROUP",
         help="Group (name or gid) allowed to attach the tap without CAP_NET_ADMIN.")] = None,
