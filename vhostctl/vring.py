@@ -33,11 +33,18 @@ matters (virtio 1.2 §2.7.13.3 and §2.7.14; Linux ``virtio_wmb``/``virtio_rmb``
 To sleep until completions arrive, call :meth:`SplitVring.enable_interrupts` and sleep only if
 it returns False; otherwise harvest again (the kernel's ``virtqueue_enable_cb()`` contract).
 
+Slot mode (:meth:`SplitVring.use_slots`) is the bulk fast path for drivers that own fixed
+buffers, as every NIC driver does: descriptor ``i`` is pinned to buffer ``i``, and while the
+device completes in order the avail ring never changes either, so posting and harvesting cost
+a handful of C-level bulk operations per batch instead of Python work per buffer.
+
 A :class:`SplitVring` is not thread-safe: one thread drives it (like one NAPI context).
 """
 
 from __future__ import annotations
 
+import array
+import collections
 import errno
 import itertools
 import struct
@@ -212,6 +219,9 @@ def _bswap32(v: int) -> int:
     return int.from_bytes(v.to_bytes(4, "little"), "big")
 
 
+_max = max  # harvest(max=...) shadows the builtin
+
+
 _fence_lock = threading.Lock()
 
 
@@ -222,6 +232,10 @@ def _full_fence() -> None:
     # 3A, memory ordering).  Acquire+release is NOT a full barrier on arm64.
     _fence_lock.acquire()
     _fence_lock.release()
+
+
+# The same two calls for the per-batch hot paths, without a Python frame around them.
+_fence_acquire, _fence_release = _fence_lock.acquire, _fence_lock.release
 
 
 class SplitVring:
@@ -315,7 +329,11 @@ class SplitVring:
             raise ValidationError("vring reset", f"base {base!r} is not in 0..65535")
         num = self._num
         lay = self._layout
-        dropped = [m[0] for m in getattr(self, "_meta", ()) if m is not None]
+        if getattr(self, "_slots", None) is not None:
+            dropped: list[Any] = self._slots_in_flight()
+        else:
+            dropped = [m[0] for m in getattr(self, "_meta", ()) if m is not None]
+        self._slots: list[int] | None = None
         mv = self._mv
         for off, size in (
             (lay.desc, lay.desc_size),
@@ -345,9 +363,15 @@ class SplitVring:
             self._st16(self._used16, self._avail_event_i, base)
         return dropped
 
+    def _slots_in_flight(self) -> list[int]:
+        if self._ooo is not None:
+            return [i for i, b in enumerate(self._ooo[0]) if b]
+        p, base, mask = self._last_used, self._slot_base, self._mask
+        return [(p + k - base) & mask for k in range(self._heads)]
+
     def close(self) -> None:
         """Release the buffer views (so an ``mmap`` can be closed).  Idempotent."""
-        for name in ("_used32", "_used16", "_avail16", "_mv"):
+        for name in ("_desc32", "_iota32", "_zero32", "_used32", "_used16", "_avail16", "_mv"):
             view = getattr(self, name, None)
             if view is not None:
                 view.release()
@@ -385,6 +409,8 @@ class SplitVring:
         :class:`ValidationError` for a malformed chain and :class:`RingFull` when there are
         fewer free descriptors than buffers; either way nothing is changed.
         """
+        if self._slots is not None:
+            raise ValidationError(self._op + " add", "the ring is in slot mode: use post()")
         n_out = len(out)
         total = n_out + len(in_)
         if not total:
@@ -452,6 +478,8 @@ class SplitVring:
 
     def add_buf(self, addr: int, length: int, token: Any, *, writable: bool = False) -> int:
         """Fast path of :meth:`add` for a one-descriptor chain (the common TX/RX frame)."""
+        if self._slots is not None:
+            raise ValidationError(self._op + " add", "the ring is in slot mode: use post()")
         if not self._num_free:
             raise RingFull(self._op + " add", "no free descriptor")
         if not length:
@@ -490,17 +518,25 @@ class SplitVring:
         if not added:
             return False
         new = self._avail_shadow
-        old = (new - added) & 0xFFFF
         self._added = 0
         # Descriptors and ring entries were stored before this (program order, see module
-        # docstring); this store is the release that hands them over.
-        self._st16(self._avail16, 1, new)
-        # Store->load barrier: the device may be concurrently re-enabling notifications
+        # docstring); this store is the release that hands them over.  Then a store->load
+        # barrier: the device may be concurrently re-enabling notifications
         # (vhost_enable_notify() writes avail_event, smp_mb(), re-reads avail->idx).
-        _full_fence()
+        if self._swap:
+            self._st16(self._avail16, 1, new)
+            _full_fence()
+            if self._event_idx:
+                return vring_need_event(self._ld16(self._used16, self._avail_event_i), new,
+                                        (new - added) & 0xFFFF)
+            return not (self._ld16(self._used16, 0) & VRING_USED_F_NO_NOTIFY)
+        self._avail16[1] = new
+        _fence_acquire()
+        _fence_release()
         if self._event_idx:
-            return vring_need_event(self._ld16(self._used16, self._avail_event_i), new, old)
-        return not (self._ld16(self._used16, 0) & VRING_USED_F_NO_NOTIFY)
+            # vring_need_event(event, new, old), inlined: new - old == added < 2**16.
+            return (new - self._used16[self._avail_event_i] - 1) & 0xFFFF < added
+        return not (self._used16[0] & VRING_USED_F_NO_NOTIFY)
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -523,6 +559,9 @@ class SplitVring:
         :class:`IntegrityError` on the next call (and every call after, until :meth:`reset`),
         so no completion is lost and the free list never takes a chain twice.
         """
+        if self._slots is not None:
+            raise ValidationError(self._op + " harvest", "the ring is in slot mode: use "
+                                  "harvest_slots()")
         last = self._last_used
         used_idx = self._used16[1]
         if self._swap:
@@ -581,27 +620,285 @@ class SplitVring:
             num_free += count
             append((tok, ln))
         if done:
-            k = len(done)
             self._free_head = free_head
             self._num_free = num_free
-            self._heads -= k
-            self._last_used = last = (last + k) & 0xFFFF
-            if self._event_idx:
-                if self._irq_enabled:
-                    # Re-arm for the next completion and order the store before the caller's
-                    # next used->idx load (virtqueue_get_buf_ctx_split: virtio_store_mb), else
-                    # a completion racing with this store would go unsignalled and unseen.
-                    self._st16(self._avail16, self._used_event_i, last)
-                    _full_fence()
-                else:
-                    # Keep it parked just behind us (see disable_interrupts).
-                    self._st16(self._avail16, self._used_event_i, (last - 1) & 0xFFFF)
+            self._consumed(len(done))
             return done
         if bad:
             raise IntegrityError(
                 self._op + " harvest", f"used ring entry at used idx {last}: {bad}"
             )
         return done
+
+    def _consumed(self, k: int) -> None:
+        """Advance past ``k`` harvested used elements and re-arm (or park) ``used_event``."""
+        self._heads -= k
+        self._last_used = last = (self._last_used + k) & 0xFFFF
+        if self._event_idx:
+            if self._irq_enabled:
+                # Re-arm for the next completion and order the store before the caller's
+                # next used->idx load (virtqueue_get_buf_ctx_split: virtio_store_mb), else
+                # a completion racing with this store would go unsignalled and unseen.
+                self._st16(self._avail16, self._used_event_i, last)
+                _full_fence()
+            elif self._swap:
+                self._st16(self._avail16, self._used_event_i, (last - 1) & 0xFFFF)
+            else:
+                # Keep it parked just behind us (see disable_interrupts).
+                self._avail16[self._used_event_i] = (last - 1) & 0xFFFF
+
+    # -- slot mode: one pinned buffer per descriptor, the bulk fast path --------------------
+
+    def use_slots(self, bufs: Sequence[tuple[int, int]], *, writable: bool = False) -> None:
+        """Pin buffer ``i`` (``(guest_physical_addr, length)``) to descriptor ``i`` for good.
+
+        Every chain is then one descriptor whose head id is its *slot* number.  Descriptors
+        are written here, once; so is the avail ring: while the device completes buffers in
+        the order they were made available (vhost-net does, except around zero-copy TX),
+        slot ``i`` always sits at avail position ``base + i`` (mod ``num``), so :meth:`post`
+        is one index update and :meth:`harvest_slots` a few bulk compares over the used ring,
+        whatever the batch size.  The first completion out of order switches the ring, for
+        good, to explicit per-slot bookkeeping: still fully checked, only slower.
+
+        Needs an idle ring.  Afterwards :meth:`add`, :meth:`add_buf` and :meth:`harvest` are
+        refused until :meth:`reset`; everything else (publish, interrupt suppression,
+        introspection) works as before.
+        """
+        op = self._op + " slots"
+        if self._slots is not None:
+            raise ValidationError(op, "the ring is already in slot mode")
+        if self._heads or self._added:
+            raise ValidationError(op, f"slot mode needs an idle ring; {self._heads} buffers "
+                                  "are in flight")
+        num = self._num
+        if len(bufs) != num:
+            raise ValidationError(op, f"{len(bufs)} buffers for {num} descriptors: one each")
+        pack, mv, d = self._pack_desc, self._mv, self._desc
+        flags = VRING_DESC_F_WRITE if writable else 0
+        caps: list[int] = []
+        try:
+            for i, (addr, ln) in enumerate(bufs):
+                if not ln:
+                    raise ValidationError(op, f"zero-length buffer {i}")
+                pack(mv, d + _DESC_SIZE * i, addr, ln, flags, 0)
+                caps.append(ln)
+        except (struct.error, TypeError, ValueError) as e:
+            raise ValidationError(op, f"buffer {len(caps)}: need (u64 addr, u32 len > 0): "
+                                  f"{e}") from None
+        base = self._avail_shadow
+        mask = self._mask
+        ring = array.array("H", [(r - base) & mask for r in range(num)])
+        iota32 = array.array("I", range(num))
+        if self._swap:
+            ring.byteswap()
+            iota32.byteswap()
+        self._avail16[2:2 + num] = ring
+        self._slot_base = base
+        self._slot_writable = writable
+        # A bound that holds for every slot, so one max() checks a whole batch of lengths.
+        self._slot_wmin = min(caps) if writable else 0
+        self._iota = list(range(num)) * 2
+        self._iota32 = memoryview(iota32 * 2)
+        self._zeros = [0] * num
+        self._zero32 = memoryview(array.array("I", bytes(4 * num)))
+        self._desc32 = mv[d:d + _DESC_SIZE * num].cast("I")
+        self._ooo: tuple[bytearray, collections.deque[int]] | None = None
+        self._slots = caps
+
+    def _slot_mode(self, op: str) -> list[int]:
+        if self._slots is None:
+            raise ValidationError(self._op + " " + op, "the ring is not in slot mode "
+                                  "(use_slots() first)")
+        return self._slots
+
+    @property
+    def slot_mode(self) -> bool:
+        return self._slots is not None
+
+    def next_slots(self, count: int) -> list[int]:
+        """The slots the next :meth:`post` of ``count`` would hand over (at most ``num_free``).
+
+        Fill their buffers (and :meth:`set_len` for TX) first, then post.
+        """
+        self._slot_mode("next_slots")
+        count = min(count, self._num_free)
+        if count <= 0:
+            return []
+        if self._ooo is None:
+            start = (self._avail_shadow - self._slot_base) & self._mask
+            return self._iota[start:start + count]
+        return list(itertools.islice(self._ooo[1], count))
+
+    def set_len(self, slot: int, length: int) -> None:
+        """How many bytes of a device-readable slot the next post carries (a TX frame)."""
+        caps = self._slot_mode("set_len")
+        if self._slot_writable:
+            raise ValidationError(self._op + " set_len", "device-writable slots keep their "
+                                  "full length")
+        if not 0 <= slot < self._num or not 0 < length <= caps[slot]:
+            raise ValidationError(self._op + " set_len", f"slot {slot} length {length}: need "
+                                  f"a slot < {self._num} and 1..{caps[slot % self._num]} bytes")
+        self._desc32[4 * slot + 2] = _bswap32(length) if self._swap else length
+
+    def post(self, count: int) -> None:
+        """Hand the next ``count`` free slots (see :meth:`next_slots`) to the device.
+
+        Visible at the next :meth:`publish`.  Raises :class:`RingFull` (and changes nothing)
+        when fewer slots are free.
+        """
+        if self._slots is None:
+            self._slot_mode("post")
+        if count <= 0:
+            if count < 0:
+                raise ValidationError(self._op + " post", f"count {count} is negative")
+            return
+        if count > self._num_free:
+            raise RingFull(self._op + " post", f"{count} slots asked, {self._num_free} free")
+        if self._ooo is None:
+            self._avail_shadow = (self._avail_shadow + count) & 0xFFFF
+        else:
+            busy, free = self._ooo
+            a16, mask, swap = self._avail16, self._mask, self._swap
+            shadow = self._avail_shadow
+            for _ in range(count):
+                i = free.popleft()
+                busy[i] = 1
+                a16[2 + (shadow & mask)] = _bswap16(i) if swap else i
+                shadow = (shadow + 1) & 0xFFFF
+            self._avail_shadow = shadow
+        self._added += count
+        self._heads += count
+        self._num_free -= count
+
+    def harvest_slots(self, max: int | None = None) -> tuple[list[int], list[int]]:
+        """Completed slots and the bytes the device wrote into each: ``(slots, lens)``.
+
+        Same checks as :meth:`harvest` (id in flight, length within the slot's writable
+        bytes; the good prefix first, the bad element raises on the next call).  In order,
+        they are made over the whole batch at once: ids compared against the avail order and
+        the largest length against the smallest slot.  Harvested slots become free in
+        completion order, which is the order :meth:`next_slots` hands them out again.
+        """
+        caps = self._slots
+        if caps is None:
+            caps = self._slot_mode("harvest_slots")
+        last = self._last_used
+        used_idx = self._used16[1]
+        if self._swap:
+            used_idx = _bswap16(used_idx)
+        n = (used_idx - last) & 0xFFFF
+        if not n:
+            return [], []
+        if n > self._heads:
+            raise IntegrityError(
+                self._op + " harvest",
+                f"used->idx moved from {last} to {used_idx} ({n} completions) "
+                f"but only {self._heads} buffers are in flight",
+            )
+        if max is not None and max < n:
+            if max <= 0:
+                return [], []
+            n = max
+        num = self._num
+        start = last & self._mask
+        end = start + n
+        u32 = self._used32
+        # Loaded after used->idx (program order; see module docstring).
+        pieces = (u32[2 * start:2 * end],) if end <= num else (u32[2 * start:],
+                                                               u32[:2 * (end - num)])
+        state = self._ooo
+        if state is None:
+            first = (last - self._slot_base) & self._mask
+            if len(pieces) == 1:
+                p = pieces[0]
+                in_order = p[::2] == self._iota32[first:first + n]
+                zero = in_order and not self._slot_writable and p[1::2] == self._zero32[:n]
+            else:
+                p, p2 = pieces
+                k = len(p) // 2
+                in_order = (p[::2] == self._iota32[first:first + k]
+                            and p2[::2] == self._iota32[first + k:first + n])
+                zero = (in_order and not self._slot_writable and p[1::2] == self._zero32[:k]
+                        and p2[1::2] == self._zero32[:n - k])
+            if in_order:
+                ids = self._iota[first:first + n]
+                if zero:
+                    lens = self._zeros[:n]  # TX: vhost writes nothing, checked in bulk
+                else:
+                    lens = self._used_lens(pieces)
+                    if _max(lens) > self._slot_wmin:
+                        self._truncate_at_bad_len(ids, lens, caps, last)
+                self._num_free += len(ids)
+                self._consumed(len(ids))
+                return ids, lens
+            state = self._ooo = self._out_of_order_state()
+        raw = pieces[0][::2].tolist()
+        if len(pieces) > 1:
+            raw += pieces[1][::2].tolist()
+        if self._swap:
+            raw = [_bswap32(v) for v in raw]
+        return self._harvest_out_of_order(state, caps, raw, self._used_lens(pieces), last)
+
+    def _used_lens(self, pieces: tuple[memoryview, ...]) -> list[int]:
+        lens = pieces[0][1::2].tolist()
+        if len(pieces) > 1:
+            lens += pieces[1][1::2].tolist()
+        if self._swap:
+            lens = [_bswap32(v) for v in lens]
+        return lens
+
+    def _truncate_at_bad_len(self, ids: list[int], lens: list[int], caps: list[int],
+                             last: int) -> None:
+        """Cut both lists before the first length beyond its slot (raise if that is the first)."""
+        wr = self._slot_writable
+        for k, (i, ln) in enumerate(zip(ids, lens, strict=True)):
+            if ln > (caps[i] if wr else 0):
+                if not k:
+                    raise IntegrityError(
+                        self._op + " harvest", f"used ring entry at used idx {last}: id {i} "
+                        f"len {ln} exceeds its {caps[i] if wr else 0} writable bytes")
+                del ids[k:], lens[k:]
+                return
+
+    def _out_of_order_state(self) -> tuple[bytearray, collections.deque[int]]:
+        """From the in-order picture, build the explicit one: which slots are out, which free."""
+        base, mask = self._slot_base, self._mask
+        busy = bytearray(self._num)
+        p = self._last_used
+        for _ in range(self._heads):
+            busy[(p - base) & mask] = 1
+            p += 1
+        free = collections.deque((q - base) & mask for q in range(p, p + self._num_free))
+        return busy, free
+
+    def _harvest_out_of_order(self, state: tuple[bytearray, collections.deque[int]],
+                              caps: list[int], raw: list[int], lens: list[int],
+                              last: int) -> tuple[list[int], list[int]]:
+        """Per-element walk once the device has completed out of order: each id checked."""
+        busy, free = state
+        wr, num = self._slot_writable, self._num
+        ids: list[int] = []
+        bad = ""
+        for i, ln in zip(raw, lens, strict=True):
+            if i >= num:
+                bad = f"id {i} out of range (num {num})"
+                break
+            if not busy[i]:
+                bad = f"id {i} is not the head of a buffer in flight"
+                break
+            if ln > (caps[i] if wr else 0):
+                bad = f"id {i} len {ln} exceeds its {caps[i] if wr else 0} writable bytes"
+                break
+            busy[i] = 0
+            free.append(i)
+            ids.append(i)
+        if not ids and bad:
+            raise IntegrityError(self._op + " harvest", f"used ring entry at used idx {last}: "
+                                 f"{bad}")
+        del lens[len(ids):]
+        self._num_free += len(ids)
+        self._consumed(len(ids))
+        return ids, lens
 
     # -- interrupt (used buffer notification) suppression, virtio 1.2 §2.7.7 ----------------
 
@@ -613,10 +910,9 @@ class SplitVring:
         ``last_used_idx``: the device would have to complete 65536 more buffers to reach it.
         """
         self._irq_enabled = False
-        if self._event_idx:
-            self._st16(self._avail16, self._used_event_i, (self._last_used - 1) & 0xFFFF)
-        else:
-            self._st16(self._avail16, 0, VRING_AVAIL_F_NO_INTERRUPT)
+        i, v = ((self._used_event_i, (self._last_used - 1) & 0xFFFF) if self._event_idx
+                else (0, VRING_AVAIL_F_NO_INTERRUPT))
+        self._avail16[i] = _bswap16(v) if self._swap else v
 
     def enable_interrupts(self) -> bool:
         """Ask for a signal on the next completion; True if completions are already waiting.
@@ -632,6 +928,33 @@ class SplitVring:
             self._st16(self._avail16, 0, 0)
         _full_fence()  # store used_event/flags before loading used->idx (virtqueue_poll)
         return self.has_used()
+
+    def enable_interrupts_delayed(self, after: int | None = None) -> bool:
+        """Ask for a signal only once ``after`` more buffers completed; True if they already did.
+
+        Why: a driver waiting for room (TX) or for a burst (RX) needs one wake-up per batch, not
+        per buffer (Linux ``virtqueue_enable_cb_delayed()``).  ``after`` defaults to 3/4 of
+        the buffers in flight and is clamped to 1..in flight, so the signal can always come.
+        Without EVENT_IDX the device cannot count: this is :meth:`enable_interrupts`.
+        """
+        if not self._event_idx:
+            return self.enable_interrupts()
+        last = self._last_used
+        out = (self._avail_shadow - last) & 0xFFFF
+        want = out * 3 // 4 if after is None else after
+        if want > out:
+            want = out
+        if want < 1:
+            want = 1
+        self._irq_enabled = True
+        if self._swap:
+            self._st16(self._avail16, self._used_event_i, (last + want - 1) & 0xFFFF)
+            _full_fence()
+            return ((self._ld16(self._used16, 1) - last) & 0xFFFF) >= want
+        self._avail16[self._used_event_i] = (last + want - 1) & 0xFFFF
+        _fence_acquire()  # as in enable_interrupts
+        _fence_release()
+        return ((self._used16[1] - last) & 0xFFFF) >= want
 
     # -- introspection ---------------------------------------------------------------------
 

@@ -1,0 +1,314 @@
+"""Slot mode of the split virtqueue (pinned buffers, bulk post/harvest) against the device model.
+
+The :class:`Device` of test_vring reads only shared memory, so what it pops is what vhost-net
+would see; every test checks the descriptors and avail entries through it, not through the
+driver's own state.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.unit.test_vring import OTHER_ORDER, Device, check_invariants, make
+from vhostctl._uapi.virtio_ring import VRING_DESC_F_WRITE
+from vhostctl.errors import IntegrityError, ValidationError
+from vhostctl.vring import RingFull, SplitVring
+
+BUF = 0x10000
+SZ = 256
+
+
+def slots(vr: SplitVring, *, writable: bool = False, size: int = SZ) -> list[tuple[int, int]]:
+    bufs = [(BUF + i * size, size) for i in range(vr.num)]
+    vr.use_slots(bufs, writable=writable)
+    return bufs
+
+
+def pop_all(dev: Device) -> list[int]:
+    out = []
+    while dev.available():
+        out.append(dev.pop()[0])
+    return out
+
+
+def test_descriptors_written_once_and_post_is_an_index_update() -> None:
+    vr, dev, _ = make(num=8)
+    bufs = slots(vr, writable=True)
+    assert vr.slot_mode and vr.num_free == 8
+    assert vr.next_slots(3) == [0, 1, 2]
+    vr.post(3)
+    assert vr.pending == 3 and vr.num_free == 5 and dev.available() == 0
+    assert vr.publish() is True
+    for i in range(3):
+        head, chain = dev.pop()
+        assert head == i and chain == [(bufs[i][0], SZ, VRING_DESC_F_WRITE)]
+    assert vr.next_slots(100) == [3, 4, 5, 6, 7]
+    check_invariants(vr)
+
+
+def test_harvest_in_order_returns_slots_and_lengths_then_reuses_them() -> None:
+    vr, dev, _ = make(num=4)
+    slots(vr, writable=True)
+    vr.post(4)
+    vr.publish()
+    heads = pop_all(dev)
+    dev.push([(heads[0], 60), (heads[1], 256)])
+    assert vr.harvest_slots() == ([0, 1], [60, 256])
+    assert vr.num_free == 2 and vr.outstanding == 2
+    assert vr.next_slots(4) == [0, 1]  # freed in completion order, handed out again
+    vr.post(2)
+    vr.publish()
+    assert pop_all(dev) == [0, 1]
+    dev.push([(2, 1), (3, 2), (0, 3)])
+    assert vr.harvest_slots(max=2) == ([2, 3], [1, 2])
+    assert vr.harvest_slots() == ([0], [3])
+    assert vr.harvest_slots() == ([], [])
+    check_invariants(vr)
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_many_laps_across_the_16_bit_wrap(event_idx: bool) -> None:
+    vr, dev, _ = make(num=8, event_idx=event_idx, base=65530)
+    slots(vr)
+    expect = 0
+    for lap in range(40):
+        k = 1 + lap % 8
+        ids = vr.next_slots(k)
+        for s in ids:
+            vr.set_len(s, 60 + s)
+        vr.post(len(ids))
+        vr.publish()
+        popped = [dev.pop() for _ in ids]
+        assert [h for h, _ in popped] == ids
+        assert [c[0][1] for _, c in popped] == [60 + s for s in ids]
+        dev.push([(h, 0) for h, _ in popped])
+        got, lens = vr.harvest_slots()
+        assert got == [(expect + j) % 8 for j in range(len(ids))] and lens == [0] * len(ids)
+        expect = (expect + len(ids)) % 8
+    assert vr.num_free == 8
+    check_invariants(vr)
+
+
+def test_set_len_validation() -> None:
+    vr, _, _ = make(num=4)
+    slots(vr)
+    for slot, ln in ((4, 10), (-1, 10), (0, 0), (0, SZ + 1)):
+        with pytest.raises(ValidationError):
+            vr.set_len(slot, ln)
+    rx, _, _ = make(num=4)
+    slots(rx, writable=True)
+    with pytest.raises(ValidationError, match="writable"):
+        rx.set_len(0, 10)
+
+
+def test_post_more_than_free_changes_nothing() -> None:
+    vr, _, _ = make(num=4)
+    slots(vr)
+    vr.post(3)
+    with pytest.raises(RingFull):
+        vr.post(2)
+    assert vr.num_free == 1 and vr.pending == 3
+    with pytest.raises(ValidationError):
+        vr.post(-1)
+    vr.post(0)
+    assert vr.pending == 3
+
+
+def test_slot_mode_refuses_generic_calls_and_busy_rings() -> None:
+    vr, _, _ = make(num=4)
+    with pytest.raises(ValidationError, match="not in slot mode"):
+        vr.post(1)
+    with pytest.raises(ValidationError, match="not in slot mode"):
+        vr.harvest_slots()
+    vr.add_buf(0x1000, 10, "x")
+    with pytest.raises(ValidationError, match="idle ring"):
+        slots(vr)
+    vr2, _, _ = make(num=4)
+    with pytest.raises(ValidationError, match="one each"):
+        vr2.use_slots([(0x1000, 10)] * 3)
+    with pytest.raises(ValidationError, match="zero-length"):
+        vr2.use_slots([(0x1000, 10)] * 3 + [(0x2000, 0)])
+    with pytest.raises(ValidationError, match="u64 addr"):
+        vr2.use_slots([(-1, 10)] * 4)
+    slots(vr2)
+    for call in (lambda: vr2.add_buf(1, 1, 1), lambda: vr2.add([(1, 1)], [], 1), vr2.harvest,
+                 lambda: slots(vr2)):
+        with pytest.raises(ValidationError, match="slot mode"):
+            call()
+
+
+def test_reset_leaves_slot_mode_and_returns_slots_in_flight() -> None:
+    vr, dev, _ = make(num=8)
+    slots(vr)
+    vr.post(5)
+    vr.publish()
+    pop_all(dev)
+    dev.push([(0, 0), (1, 0)])
+    assert vr.harvest_slots()[0] == [0, 1]
+    assert sorted(vr.reset(0)) == [2, 3, 4]
+    assert not vr.slot_mode
+    vr.add_buf(0x1000, 10, "generic again")
+
+
+def test_out_of_order_completion_switches_to_explicit_bookkeeping() -> None:
+    vr, dev, _ = make(num=8, event_idx=True)
+    slots(vr)
+    vr.post(6)
+    vr.publish()
+    assert pop_all(dev) == [0, 1, 2, 3, 4, 5]
+    dev.push([(2, 0), (0, 0)])  # zero-copy TX can complete like this
+    assert vr.harvest_slots() == ([2, 0], [0, 0])
+    # Free slots: the never-posted 6, 7 first, then 2, 0 in completion order.
+    assert vr.next_slots(8) == [6, 7, 2, 0]
+    vr.post(4)
+    vr.publish()
+    assert pop_all(dev) == [6, 7, 2, 0]  # explicit avail entries now
+    dev.push([(1, 0), (7, 0), (3, 0)])
+    assert vr.harvest_slots() == ([1, 7, 3], [0, 0, 0])
+    check_invariants(vr)
+    assert sorted(vr.reset(0)) == [0, 2, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    ("elem", "match"),
+    [
+        ((8, 0), "id 8 out of range"),
+        ((6, 0), "id 6 is not the head of a buffer in flight"),
+        ((1, 1), "len 1 exceeds its 0 writable bytes"),
+    ],
+)
+def test_hostile_elements_out_of_order(elem: tuple[int, int], match: str) -> None:
+    vr, dev, _ = make(num=8)
+    slots(vr)
+    vr.post(4)
+    vr.publish()
+    pop_all(dev)
+    dev.push([(3, 0), elem])
+    assert vr.harvest_slots() == ([3], [0])  # the good prefix first
+    snap = (vr.num_free, vr.outstanding, vr.last_used_idx)
+    for _ in range(2):  # stays broken: the bad entry is still there
+        with pytest.raises(IntegrityError, match=match):
+            vr.harvest_slots()
+    assert (vr.num_free, vr.outstanding, vr.last_used_idx) == snap
+
+
+def test_hostile_duplicate_and_length_in_order() -> None:
+    vr, dev, _ = make(num=8)
+    slots(vr, writable=True)
+    vr.post(8)
+    vr.publish()
+    pop_all(dev)
+    dev.push([(0, 10), (1, SZ + 1)])
+    assert vr.harvest_slots() == ([0], [10])
+    with pytest.raises(IntegrityError, match="len 257 exceeds its 256"):
+        vr.harvest_slots()
+    vr2, dev2, _ = make(num=8)
+    slots(vr2)
+    vr2.post(2)
+    vr2.publish()
+    pop_all(dev2)
+    dev2.push([(0, 0), (0, 0)])
+    assert vr2.harvest_slots() == ([0], [0])
+    with pytest.raises(IntegrityError, match="not the head"):
+        vr2.harvest_slots()
+
+
+def test_used_idx_jump_is_refused() -> None:
+    vr, dev, _ = make(num=8)
+    slots(vr)
+    vr.post(2)
+    vr.publish()
+    dev.w16(vr.layout.used + 2, 5)
+    with pytest.raises(IntegrityError, match="only 2 buffers are in flight"):
+        vr.harvest_slots()
+
+
+def test_foreign_byte_order() -> None:
+    vr, dev, _ = make(num=4, byteorder=OTHER_ORDER, event_idx=True)
+    bufs = slots(vr, writable=True)
+    vr.post(4)
+    vr.publish()
+    popped = [dev.pop() for _ in range(4)]
+    assert [(h, c[0][0]) for h, c in popped] == [(i, bufs[i][0]) for i in range(4)]
+    dev.push([(0, 70), (1, 80)])
+    assert vr.harvest_slots() == ([0, 1], [70, 80])
+    dev.push([(3, 90)])
+    assert vr.harvest_slots() == ([3], [90])  # out of order, swapped
+    tx, tdev, _ = make(num=4, byteorder=OTHER_ORDER)
+    slots(tx)
+    tx.set_len(0, 99)
+    tx.post(1)
+    tx.publish()
+    assert tdev.pop()[1] == [(BUF, 99, 0)]
+
+
+def test_delayed_interrupts_wake_after_a_batch() -> None:
+    vr, dev, _ = make(num=8, event_idx=True)
+    slots(vr)
+    vr.post(8)
+    vr.publish()
+    heads = pop_all(dev)
+    vr.disable_interrupts()
+    assert vr.enable_interrupts_delayed() is False  # 3/4 of 8 in flight: wake after 6
+    assert dev.r16(vr.layout.used_event) == 5
+    assert [dev.push([(h, 0)]) for h in heads[:6]] == [False] * 5 + [True]
+    vr.disable_interrupts()
+    vr.harvest_slots()
+    assert vr.enable_interrupts_delayed(after=1) is False
+    assert dev.push([(heads[6], 0)]) is True
+    assert vr.enable_interrupts_delayed(after=5) is False  # clamped to the 2 in flight
+    assert dev.r16(vr.layout.used_event) == 7
+    assert dev.push([(heads[7], 0)]) is True
+    assert vr.enable_interrupts_delayed(after=2) is True  # both already completed
+    assert vr.harvest_slots()[0] == [6, 7]
+    assert vr.enable_interrupts_delayed() is False  # nothing in flight: the next one signals
+    assert dev.r16(vr.layout.used_event) == 8
+
+
+def test_delayed_interrupts_without_event_idx_is_enable() -> None:
+    vr, dev, _ = make(num=4)
+    slots(vr)
+    vr.disable_interrupts()
+    assert vr.enable_interrupts_delayed() is False
+    vr.post(1)
+    vr.publish()
+    pop_all(dev)
+    assert dev.push([(0, 0)]) is True
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(0, 9), st.integers(1, 8), st.booleans()),
+                    max_size=60),
+       event_idx=st.booleans(), base=st.sampled_from([0, 3, 65531]))
+def test_random_interleavings_match_a_model(ops: list[tuple[int, int, bool]], event_idx: bool,
+                                            base: int) -> None:
+    """Post, pop and complete (in order or shuffled); harvested slots are exactly the completed."""
+    vr, dev, _ = make(num=8, event_idx=event_idx, base=base)
+    slots(vr, writable=True)
+    out: list[int] = []  # popped by the device, not completed
+    completed: list[int] = []
+    for kind, k, flip in ops:
+        if kind < 4:
+            ids = vr.next_slots(k)
+            vr.post(len(ids))
+            vr.publish()
+            assert [dev.pop()[0] for _ in ids] == ids
+            out += ids
+        elif kind < 8 and out:
+            take = out[:k]
+            if flip:
+                take.reverse()
+            for h in take:
+                out.remove(h)
+            dev.push([(h, h + 1) for h in take])
+            completed += take
+        else:
+            got, lens = vr.harvest_slots()
+            assert got == completed[:len(got)] and lens == [h + 1 for h in got]
+            del completed[:len(got)]
+        check_invariants(vr)
+        assert vr.outstanding == len(out) + len(completed)
+    got, _ = vr.harvest_slots()
+    assert got == completed
