@@ -72,3 +72,148 @@ def run_cli(*args: str) -> CliResult:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+_command_cache: dict[str, object] = {}
+
+
+def run_cli_quick(*args: str) -> CliResult:
+    """:func:`run_cli` with the click command built once: typer rebuilds it on every invoke,
+    which costs seconds in the VM and dominates table-driven and fault-injection loops."""
+    import typer.testing as tt
+    from typer.testing import CliRunner
+
+    from vhostctl.cli import (
+        app,
+        commands,  # noqa: F401
+    )
+
+    if "cmd" not in _command_cache:
+        _command_cache["cmd"] = tt._get_command(app)
+    cmd = _command_cache["cmd"]
+    real = tt._get_command
+    tt._get_command = lambda _app: cmd
+    try:
+        r = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    finally:
+        tt._get_command = real
+    return CliResult(r.exit_code, r.stdout, r.stderr)
+
+
+@pytest.fixture
+def qcli():
+    return run_cli_quick
+
+
+def link_snapshot(ipr=None) -> dict[str, object]:
+    """Every link in this namespace as rtnetlink reports it (what ``ip -j -d link`` shows,
+    less counters and carrier), plus the named network namespaces: the host state a refused
+    or failed command must leave exactly as it was.  ``ipr``: an open pyroute2 IPRoute to
+    reuse (opening one costs a few hundred ms in the VM)."""
+    from pyroute2 import IPRoute
+
+    keys = ("IFLA_IFNAME", "IFLA_MTU", "IFLA_ADDRESS", "IFLA_MASTER", "IFLA_TXQLEN",
+            "IFLA_GROUP", "IFLA_NUM_TX_QUEUES", "IFLA_PROMISCUITY")
+    # Carrier follows the kernel, not us: a bridge that had a port for a moment keeps
+    # RUNNING/LOWER_UP (and its operstate) for a while after the port is gone.
+    carrier = 0x40 | 0x10000 | 0x20000  # IFF_RUNNING | IFF_LOWER_UP | IFF_DORMANT
+    out: dict[str, object] = {}
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    try:
+        for m in ipr.get_links():
+            info = m.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+            tun = (tuple((a[0], a[1]) for a in data["attrs"])
+                   if kind == "tun" and data is not None else None)
+            out[m.get_attr("IFLA_IFNAME")] = (m["index"], m["flags"] & ~carrier, kind, tun,
+                                              *(m.get_attr(k) for k in keys))
+    finally:
+        if own:
+            ipr.close()
+    netns = "/var/run/netns"
+    out["<netns>"] = sorted(os.listdir(netns)) if os.path.isdir(netns) else []
+    return out
+
+
+def fork_call(fn, timeout: float = 120.0):
+    """Run ``fn()`` in a forked child (no Python start-up, nothing re-imported) and return
+    ``(status, result)``: status is the exit code, or minus the signal that killed it;
+    result is what ``fn`` returned (JSON-able), or None.  The wait is bounded."""
+    import json
+    import select
+    import signal
+    import time
+    import traceback
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 0
+        try:
+            os.close(r)
+            payload = json.dumps({"result": fn()})
+        except BaseException:
+            payload, code = json.dumps({"error": traceback.format_exc()}), 70
+        try:
+            os.write(w, payload.encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"forked child {pid} did not finish in {timeout}s")
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    data = json.loads(b"".join(chunks) or b"{}")
+    if "error" in data:
+        raise AssertionError(f"forked child failed:\n{data['error']}")
+    return code, data.get("result")
+
+
+def _warm_imports() -> None:
+    """Import every vhostctl module and what the CLI prints errors with, while still root:
+    after a drop to an unprivileged uid the interpreter's own files (under /root/.pyenv)
+    may be unreadable, so a lazy import there would fail instead of the code under test."""
+    import encodings.ascii
+    import encodings.idna
+    import encodings.latin_1  # noqa: F401
+    import importlib
+    import pkgutil
+
+    import vhostctl
+    from vhostctl.render import console, err_console
+
+    for mod in pkgutil.walk_packages(vhostctl.__path__, "vhostctl."):
+        if not mod.name.endswith("__main__"):  # that one runs the CLI
+            importlib.import_module(mod.name)
+    console()
+    err_console()
+    run_cli_quick("--version")
+
+
+def as_user(fn, uid: int = 65534, gid: int = 65534):
+    """``fn`` wrapped to run as ``uid``/``gid`` with no supplementary groups (for
+    :func:`fork_call`: the drop happens in the child only; the imports are warmed here, in
+    the parent, so that every child inherits them)."""
+    _warm_imports()
+
+    def child():
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        return fn()
+
+    return child

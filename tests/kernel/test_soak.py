@@ -9,7 +9,7 @@ reconcile with what the rings counted.
 
 Size: ``VHOSTCTL_SOAK_FRAMES`` per direction.  The default, 200,000, keeps CI (two kernels under
 software emulation, where this loop moves a few thousand frames a second) inside its time
-limit; the issue's million is ``VHOSTCTL_SOAK_FRAMES=1000000 scripts/vmtest -- -k soak``.
+limit; the issue's million is ``scripts/vmtest --soak 1000000``.
 """
 
 from __future__ import annotations
