@@ -40,7 +40,8 @@ from ._uapi import virtio_net as N
 from ._uapi.virtio_ring import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from .errors import IntegrityError, UnsupportedError, ValidationError, WaitTimeout
 from .memory import PAGE, GuestMemory, Region
-from .tun import Tap
+from .netlink import validate_mac
+from .tun import Tap, validate_ifname
 from .vhost import VHOST_NET_VQ_RX, VHOST_NET_VQ_TX, VhostNet
 from .vring import RingLayout, SplitVring
 
@@ -70,6 +71,8 @@ class DatapathConfig:
     rx_buf_size: int = 0  # 0: 2048 with MRG_RXBUF, else a whole frame plus header
     busyloop_usec: int = 0
     tap_name: str = "vhc%d"
+    mac: str | None = None  # the tap's address, set before it goes UP (None: the kernel's)
+    master: str | None = None  # a bridge to enslave the tap to, before it goes UP
 
     def validate(self) -> None:
         op = "datapath"
@@ -90,6 +93,10 @@ class DatapathConfig:
             raise ValidationError(op, f"RX buffer size {self.rx_buf_size}: at least 64")
         if self.busyloop_usec < 0:
             raise ValidationError(op, "busy-poll timeout must be >= 0")
+        if self.mac is not None:
+            validate_mac(self.mac)
+        if self.master is not None:
+            validate_ifname(self.master, op="bridge name")
 
     @property
     def features(self) -> int:
@@ -291,12 +298,19 @@ class Datapath:
         return q
 
     def _configure_link(self) -> None:
-        """MTU and UP through rtnetlink (a down tap drops what vhost sends it)."""
+        """MTU, address, bridge, then UP through rtnetlink (a down tap drops what vhost sends
+        it).  UP comes last so the link never carries traffic with the kernel's random
+        address or outside its bridge."""
         from .netlink import Netlink
 
+        cfg = self.config
         with Netlink() as nl:
-            if self.config.mtu != 1500:
-                nl.set_mtu(self.tap_name, self.config.mtu)
+            if cfg.mtu != 1500:
+                nl.set_mtu(self.tap_name, cfg.mtu)
+            if cfg.mac is not None:
+                nl.set_mac(self.tap_name, cfg.mac)
+            if cfg.master is not None:
+                nl.set_master(self.tap_name, cfg.master)
             nl.set_up(self.tap_name)
 
     def _start(self, q: _Queue) -> None:

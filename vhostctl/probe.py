@@ -547,10 +547,8 @@ def run_probe(p: ProbePlan, *, stop: Callable[[], str | None],
 
     cfg = p.config
     me = cfg.identity()
-    with Datapath(DatapathConfig(queues=cfg.queues, mtu=p.mtu, tap_name=cfg.name)) as dp:
-        with Netlink() as nl:
-            nl.set_mac(dp.tap_name, p.tap_mac)
-            nl.set_master(dp.tap_name, cfg.bridge)
+    with Datapath(DatapathConfig(queues=cfg.queues, mtu=p.mtu, tap_name=cfg.name,
+                                 mac=p.tap_mac, master=cfg.bridge)) as dp:
         report = ProbeReport(dp.tap_name, dp.ifindex, cfg.bridge, p.mtu, cfg.mac, p.tap_mac,
                              str(cfg.ipv4), str(cfg.ipv6) if cfg.ipv6 else None,
                              [ProbeCounters(i) for i in range(cfg.queues)], list(p.warnings))

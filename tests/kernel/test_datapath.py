@@ -7,14 +7,16 @@ frames byte for byte with what was sent.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 
 import pytest
 
-from tests.kernel.conftest import link_exists
+from tests.kernel.conftest import ip, link_exists
 from vhostctl import _fd
 from vhostctl.datapath import Datapath, DatapathConfig
+from vhostctl.errors import ValidationError
 from vhostctl.selftest import host_receive, host_socket, probe_frame, ring_receive
 
 TIMEOUT = 10.0
@@ -149,3 +151,52 @@ def test_failure_at_every_setup_step_leaves_nothing(ifname):
         assert {int(x) for x in os.listdir("/proc/self/fd")} == before, f"fd leak at call {n}"
         assert n < 500
     assert n > 30, f"only {n} calls: the datapath setup should pass through _fd"
+
+
+def test_address_and_bridge_are_set_before_the_tap_goes_up(ifname, no_fd_leak, monkeypatch):
+    """DatapathConfig.mac/master: applied before UP, so the link is never up with the
+    kernel's random address or outside its bridge; frames still cross byte for byte."""
+    from vhostctl.netlink import Netlink
+
+    br = f"{ifname}b"
+    ip("link", "add", br, "type", "bridge")
+    order: list[str] = []
+    real_set = Netlink._set
+
+    def spy(self, name, step, **attrs):
+        order.append(step.split(" ")[0] + " " + step.split(" ")[1])
+        return real_set(self, name, step, **attrs)
+
+    monkeypatch.setattr(Netlink, "_set", spy)
+    try:
+        cfg = DatapathConfig(tap_name=ifname, mac="fe:12:34:56:78:9a", master=br)
+        with Datapath(cfg) as dp:
+            link = json.loads(ip("-j", "-d", "link", "show", dp.tap_name))[0]
+            assert link["address"] == "fe:12:34:56:78:9a" and link["master"] == br
+            assert "UP" in link["flags"]
+            assert order == ["set mac", "set master", "set up"], order
+            s = host_socket(dp.ifindex)
+            try:
+                frame = probe_frame(0, 200)
+                dp.send_all([frame], timeout=10)
+                assert frame in host_receive(s, 1, timeout=10)
+            finally:
+                s.close()
+        assert not link_exists(ifname)
+    finally:
+        ip("link", "del", br)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("mac", "01:00:5e:00:00:01", "multicast"),
+    ("mac", "fe:00:00", "MAC"),
+    ("master", "x" * 16, "IFNAMSIZ"),
+])
+def test_bad_address_or_bridge_is_refused_before_any_kernel_call(ifname, monkeypatch, field,
+                                                                 value, words):
+    calls: list[str] = []
+    monkeypatch.setattr(_fd.faults, "check", calls.append)
+    with pytest.raises(ValidationError) as e:
+        Datapath(DatapathConfig(tap_name=ifname, **{field: value})).open()
+    assert calls == [] and not link_exists(ifname)
+    assert words.lower() in str(e.value).lower(), e.value
