@@ -549,6 +549,26 @@ class SplitVring:
         """Are there completions waiting to be harvested?"""
         return self._ld16(self._used16, 1) != self._last_used
 
+    def _pending(self, last: int, max: int | None) -> int:
+        """How many used elements to take now: ``used->idx - last``, capped at ``max``.
+
+        Loads ``used->idx`` once; the elements are read after it (program order, see the
+        module docstring).  More completions than buffers in flight is a device bug.
+        """
+        used_idx = self._used16[1]
+        if self._swap:
+            used_idx = _bswap16(used_idx)
+        n = (used_idx - last) & 0xFFFF
+        if n > self._heads:
+            raise IntegrityError(
+                self._op + " harvest",
+                f"used->idx moved from {last} to {used_idx} ({n} completions) "
+                f"but only {self._heads} buffers are in flight",
+            )
+        if max is not None and max < n:
+            return max if max > 0 else 0
+        return n
+
     def harvest(self, max: int | None = None) -> list[tuple[Any, int]]:
         """Collect completed buffers as ``(token, bytes_written)``, oldest first.
 
@@ -563,22 +583,9 @@ class SplitVring:
             raise ValidationError(self._op + " harvest", "the ring is in slot mode: use "
                                   "harvest_slots()")
         last = self._last_used
-        used_idx = self._used16[1]
-        if self._swap:
-            used_idx = _bswap16(used_idx)
-        n = (used_idx - last) & 0xFFFF
+        n = self._pending(last, max)
         if not n:
             return []
-        if n > self._heads:
-            raise IntegrityError(
-                self._op + " harvest",
-                f"used->idx moved from {last} to {used_idx} ({n} completions) "
-                f"but only {self._heads} buffers are in flight",
-            )
-        if max is not None and max < n:
-            if max <= 0:
-                return []
-            n = max
         # Loaded after used->idx (program order; see module docstring).
         start = last & self._mask
         end = start + n
@@ -783,22 +790,9 @@ class SplitVring:
         if caps is None:
             caps = self._slot_mode("harvest_slots")
         last = self._last_used
-        used_idx = self._used16[1]
-        if self._swap:
-            used_idx = _bswap16(used_idx)
-        n = (used_idx - last) & 0xFFFF
+        n = self._pending(last, max)
         if not n:
             return [], []
-        if n > self._heads:
-            raise IntegrityError(
-                self._op + " harvest",
-                f"used->idx moved from {last} to {used_idx} ({n} completions) "
-                f"but only {self._heads} buffers are in flight",
-            )
-        if max is not None and max < n:
-            if max <= 0:
-                return [], []
-            n = max
         num = self._num
         start = last & self._mask
         end = start + n

@@ -18,6 +18,21 @@ def ifname() -> str:
     return f"vt{os.getpid() % 100000}x{next(_seq)}"
 
 
+def gone(*names: str) -> None:
+    """Delete these links if they exist (test clean-up: errors ignored)."""
+    for name in names:
+        subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+
+
+@pytest.fixture
+def tap_name(ifname):
+    """``ifname``, deleted again after the test whatever it left."""
+    try:
+        yield ifname
+    finally:
+        gone(ifname)
+
+
 def open_fds() -> set[int]:
     return {int(x) for x in os.listdir("/proc/self/fd")}
 
@@ -56,6 +71,26 @@ class CliResult:
         return f"CliResult(code={self.code}, stdout={self.stdout!r}, stderr={self.stderr!r})"
 
 
+def _build_once() -> None:
+    """typer.testing.CliRunner rebuilds the click command from the app on every invoke
+    (``typer.testing._get_command``), which costs seconds in the VM and would dominate the
+    table-driven and fault-injection loops: memoize it per app, once per test process."""
+    import typer.testing as tt
+
+    real = tt._get_command
+    if getattr(real, "memoized", False):
+        return
+    built: dict[int, object] = {}
+
+    def get_command(app):
+        if id(app) not in built:
+            built[id(app)] = real(app)
+        return built[id(app)]
+
+    get_command.memoized = True
+    tt._get_command = get_command
+
+
 def run_cli(*args: str) -> CliResult:
     """Run vhostctl in-process (a Python start costs seconds in the VM)."""
     from typer.testing import CliRunner
@@ -65,6 +100,7 @@ def run_cli(*args: str) -> CliResult:
         commands,  # noqa: F401
     )
 
+    _build_once()
     r = CliRunner().invoke(app, list(args), catch_exceptions=False)
     return CliResult(r.exit_code, r.stdout, r.stderr)
 
@@ -72,37 +108,6 @@ def run_cli(*args: str) -> CliResult:
 @pytest.fixture
 def cli():
     return run_cli
-
-
-_command_cache: dict[str, object] = {}
-
-
-def run_cli_quick(*args: str) -> CliResult:
-    """:func:`run_cli` with the click command built once: typer rebuilds it on every invoke,
-    which costs seconds in the VM and dominates table-driven and fault-injection loops."""
-    import typer.testing as tt
-    from typer.testing import CliRunner
-
-    from vhostctl.cli import (
-        app,
-        commands,  # noqa: F401
-    )
-
-    if "cmd" not in _command_cache:
-        _command_cache["cmd"] = tt._get_command(app)
-    cmd = _command_cache["cmd"]
-    real = tt._get_command
-    tt._get_command = lambda _app: cmd
-    try:
-        r = CliRunner().invoke(app, list(args), catch_exceptions=False)
-    finally:
-        tt._get_command = real
-    return CliResult(r.exit_code, r.stdout, r.stderr)
-
-
-@pytest.fixture
-def qcli():
-    return run_cli_quick
 
 
 def link_snapshot(ipr=None) -> dict[str, object]:
@@ -201,7 +206,7 @@ def _warm_imports() -> None:
             importlib.import_module(mod.name)
     console()
     err_console()
-    run_cli_quick("--version")
+    run_cli("--version")
 
 
 def as_user(fn, uid: int = 65534, gid: int = 65534):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.kernel.conftest import ip, link_snapshot, run_cli_quick
+from tests.kernel.conftest import ip, link_snapshot, run_cli
 from vhostctl.tun import Tap
 
 P = f"b{os.getpid() % 10000}"  # 5 bytes: every name below stays within 15
@@ -358,7 +358,7 @@ def _params() -> list:
 @pytest.mark.parametrize(("args", "code", "needles"), _params())
 def test_bad_input(world, baseline, args, code, needles):
     argv = [world.fill(a) for a in args]
-    r = run_cli_quick(*argv)
+    r = run_cli(*argv)
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r
     assert r.code == code, r
     assert r.stdout == "", r

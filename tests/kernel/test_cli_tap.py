@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.kernel.conftest import ip, link_exists
+from tests.kernel.conftest import gone, ip, link_exists
 from vhostctl import _fd
 from vhostctl.tun import Tap
 
@@ -22,11 +22,6 @@ def all_links() -> list[tuple[str, str]]:
     return sorted((x["ifname"], x.get("address", "")) for x in json.loads(ip("-j", "link")))
 
 
-def gone(name: str) -> None:
-    if link_exists(name):
-        subprocess.run(["ip", "link", "del", name], check=False)
-
-
 @pytest.fixture
 def bridge(ifname):
     br = f"{ifname}b"
@@ -36,14 +31,6 @@ def bridge(ifname):
         yield br
     finally:
         gone(br)
-
-
-@pytest.fixture
-def tap_name(ifname):
-    try:
-        yield ifname
-    finally:
-        gone(ifname)
 
 
 def test_add_with_every_option_as_ip_and_bridge_see_it(cli, tap_name, bridge, no_fd_leak):

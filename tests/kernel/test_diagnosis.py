@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from tests.kernel.conftest import as_user, fork_call, link_snapshot, run_cli_quick
+from tests.kernel.conftest import as_user, fork_call, link_snapshot, run_cli
 from vhostctl.hostcheck import HostPaths, host_report
 
 NOBODY = 65534
@@ -64,7 +64,7 @@ def test_vhost_net_module_unloaded_for_real():
             if not os.path.exists("/dev/vhost-net"):
                 break
             time.sleep(0.1)
-        r = run_cli_quick("check", "--json")
+        r = run_cli("check", "--json")
         assert r.code == 1, r
         checks = {c["name"]: c for c in r.json()["checks"]}
         assert checks["vhost-net device"]["ok"] is False
@@ -74,7 +74,7 @@ def test_vhost_net_module_unloaded_for_real():
         assert (module["ok"], module["fix"]) == (False, "modprobe vhost_net"), module
         assert checks["tun device"]["ok"] is True
         for argv in (("selftest", "--frames", "1"), ("features",)):
-            f = run_cli_quick(*argv)
+            f = run_cli(*argv)
             assert f.code == 1, f
             assert "/dev/vhost-net: No such file or directory (load the module: modprobe " \
                 "vhost_net)" in f.stderr, f
@@ -82,7 +82,7 @@ def test_vhost_net_module_unloaded_for_real():
     finally:
         subprocess.run(["modprobe", "vhost_net"], check=True, capture_output=True)
     assert os.path.exists("/dev/vhost-net")
-    assert run_cli_quick("check").code == 0
+    assert run_cli("check").code == 0
 
 
 
@@ -91,7 +91,7 @@ def _run_all() -> dict:
     for key, argv in (("check", ("check", "--json")), ("features", ("features",)),
                       ("tap add", ("tap", "add", "vtdiag0")),
                       ("selftest", ("selftest", "--tap", "vtdiag1", "--frames", "1"))):
-        r = run_cli_quick(*argv)
+        r = run_cli(*argv)
         out[key] = {"code": r.code, "stdout": r.stdout, "stderr": " ".join(r.stderr.split())}
     return out
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.conftest import fork_call, ip, link_snapshot, open_fds, run_cli_quick
+from tests.kernel.conftest import fork_call, gone, ip, link_snapshot, open_fds, run_cli
 from vhostctl import _fd
 from vhostctl.datapath import Datapath
 from vhostctl.errors import VhostctlError
@@ -121,11 +121,6 @@ def udev_settle() -> None:
         subprocess.run(["udevadm", "settle", "--timeout=10"], capture_output=True, check=False)
 
 
-def gone(*names: str) -> None:
-    for name in names:
-        subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
-
-
 @pytest.fixture
 def bridge(ifname) -> Iterator[str]:
     br = f"{ifname}b"
@@ -163,7 +158,7 @@ def test_tap_add_into_netns_fails_cleanly_at_every_step(ifname, netns, monkeypat
     args = ("tap", "add", name, "--netns", netns, "--owner", "nobody", "--mtu", "9000",
             "--mac", "fe:00:00:00:12:34", "--json")
     before, ns_before, fds = link_snapshot(), ns_links(netns), open_fds()
-    r, calls = counted_run(lambda: run_cli_quick(*args), monkeypatch)
+    r, calls = counted_run(lambda: run_cli(*args), monkeypatch)
     assert r.code == 0, r
     assert name in ns_links(netns)
     ip("-n", netns, "link", "del", name)
@@ -182,7 +177,7 @@ def test_tap_add_into_netns_fails_cleanly_at_every_step(ifname, netns, monkeypat
         failed.append(calls[n - 1])
 
     steps = distinct(calls)
-    fail_each(steps, lambda: run_cli_quick(*args), check)
+    fail_each(steps, lambda: run_cli(*args), check)
     record(test="tap-add-netns", calls=len(calls), failed=len(steps), names=calls)
     assert len(failed) == len(steps) >= 10
 
@@ -207,7 +202,7 @@ def test_tap_add_to_a_bridge_leaves_the_bridge_as_it_was(ifname, monkeypatch):
     try:
         random_bridge()
         args = ("tap", "add", name, "--bridge", br, "--owner", "nobody")
-        r, calls = counted_run(lambda: run_cli_quick(*args), monkeypatch)
+        r, calls = counted_run(lambda: run_cli(*args), monkeypatch)
         assert r.code == 0, r
         gone(name)
         fds = open_fds()
@@ -216,7 +211,7 @@ def test_tap_add_to_a_bridge_leaves_the_bridge_as_it_was(ifname, monkeypatch):
             before = link_snapshot()
             _fd.faults.arm(n)
             try:
-                r = run_cli_quick(*args)
+                r = run_cli(*args)
             finally:
                 _fd.faults.disarm()
             assert r.code == 1, (n, calls[n - 1], r)
@@ -237,7 +232,7 @@ def test_selftest_fails_cleanly_at_every_step(ifname, monkeypatch):
     args = ("selftest", "--tap", ifname, "--frames", "2", "--size", "60", "--ring-size", "16",
             "--json")
     before, fds = link_snapshot(), open_fds()
-    r, calls = counted_run(lambda: run_cli_quick(*args), monkeypatch)
+    r, calls = counted_run(lambda: run_cli(*args), monkeypatch)
     assert r.code == 0 and r.json()["ok"], r
     assert link_snapshot() == before and open_fds() == fds
 
@@ -249,7 +244,7 @@ def test_selftest_fails_cleanly_at_every_step(ifname, monkeypatch):
 
     setup = max(i for i, c in enumerate(calls) if c.startswith("setsockopt")) + 1
     steps = distinct(calls if FULL else calls[:setup])
-    fail_each(steps, lambda: run_cli_quick(*args), check)
+    fail_each(steps, lambda: run_cli(*args), check)
     record(test="selftest", calls=len(calls), setup_calls=setup, failed=len(steps))
     assert setup > 35 and len(steps) > 20
 
@@ -279,7 +274,7 @@ def test_up_fails_cleanly_at_every_step(ifname, bridge, monkeypatch):
 
     monkeypatch.setattr(Datapath, "open", spanned)
     _fd.faults.arm(10**9)  # counts calls, never fires
-    r, calls = counted_run(lambda: run_cli_quick(*args), monkeypatch)
+    r, calls = counted_run(lambda: run_cli(*args), monkeypatch)
     _fd.faults.disarm()
     monkeypatch.setattr(Datapath, "open", real_open)
     assert r.code == 0, r
@@ -298,7 +293,7 @@ def test_up_fails_cleanly_at_every_step(ifname, bridge, monkeypatch):
         assert link_snapshot() == before, f"step {n} ({calls[n - 1]}) left a tap or port"
         assert open_fds() == fds, f"step {n} ({calls[n - 1]}) leaked fds"
 
-    fail_each(steps, lambda: run_cli_quick(*args), check)
+    fail_each(steps, lambda: run_cli(*args), check)
     record(test="up", calls=len(calls), datapath=[first, last], failed=len(steps))
     assert len(steps) >= 8
 
@@ -328,7 +323,7 @@ def exec_child(argv: tuple[str, ...], fail_at: int | None) -> Callable[[], dict]
 
         _fd.faults.check = spy
         try:
-            r = run_cli_quick(*argv)
+            r = run_cli(*argv)
         except Exec:
             return {"exec": True, "calls": calls}
         return {"exec": False, "code": r.code, "stderr": r.stderr, "calls": calls,
@@ -393,7 +388,7 @@ def add_child(name: str, bridge: str, kill_at: int | None = None,
                 real(what)
 
             _fd.faults.check = bomb
-        r = run_cli_quick("tap", "add", name, "--owner", "nobody", "--bridge", bridge)
+        r = run_cli("tap", "add", name, "--owner", "nobody", "--bridge", bridge)
         return {"code": r.code, "stderr": r.stderr}
 
     return child
@@ -466,7 +461,7 @@ def test_selftest_signalled_at_random_points(ifname):
     args = ("selftest", "--tap", ifname, "--queues", "2", "--frames", "16", "--json")
 
     def child() -> dict:
-        r = run_cli_quick(*args)
+        r = run_cli(*args)
         return {"code": r.code}
 
     t0 = time.monotonic()
@@ -550,9 +545,9 @@ def test_hotplug_fails_cleanly_at_every_step(ifname, paused_qemu, monkeypatch):
     args = ("hotplug", "--qmp", sock, "--tap", ifname, "--queues", "2", "--bus", "rp1",
             "--id", "hp0", "--timeout", "60")
     before_q, before, fds = qemu_state(proc, sock), link_snapshot(), open_fds()
-    r, calls = counted_run(lambda: run_cli_quick(*args), monkeypatch)
+    r, calls = counted_run(lambda: run_cli(*args), monkeypatch)
     assert r.code == 0, r
-    assert run_cli_quick("unplug", "--qmp", sock, "--id", "hp0", "--timeout", "60").code == 0
+    assert run_cli("unplug", "--qmp", sock, "--id", "hp0", "--timeout", "60").code == 0
     assert qemu_state(proc, sock) == before_q and link_snapshot() == before
 
     def check(n: int, r) -> None:
@@ -562,5 +557,5 @@ def test_hotplug_fails_cleanly_at_every_step(ifname, paused_qemu, monkeypatch):
         assert link_snapshot() == before, f"step {n} ({calls[n - 1]}) left a tap"
         assert open_fds() == fds, f"step {n} ({calls[n - 1]}) leaked fds"
 
-    fail_each(distinct(calls), lambda: run_cli_quick(*args), check)
+    fail_each(distinct(calls), lambda: run_cli(*args), check)
     record(test="hotplug", calls=len(calls), names=calls)

@@ -17,9 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-import pytest
-
-from tests.kernel.conftest import link_exists, link_snapshot, run_cli_quick
+from tests.kernel.conftest import gone, link_exists, link_snapshot, run_cli
 from vhostctl import _fd, taps
 from vhostctl._uapi import if_tun as T
 from vhostctl.errors import VhostctlError
@@ -28,10 +26,6 @@ from vhostctl.netlink import Netlink
 CONTENDERS = 8
 CYCLES = 200
 FULL = os.environ.get("VHOSTCTL_FAULTS_FULL") == "1"
-
-
-def gone(name: str) -> None:
-    subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
 
 
 def race_processes(n: int, work: Callable[[], dict], timeout: float = 300.0) -> list[dict]:
@@ -76,17 +70,9 @@ def race_processes(n: int, work: Callable[[], dict], timeout: float = 300.0) -> 
     return results
 
 
-@pytest.fixture
-def tap_name(ifname):
-    try:
-        yield ifname
-    finally:
-        gone(ifname)
-
-
 def test_eight_processes_add_one_name_exactly_one_creates(tap_name):
     def work() -> dict:
-        r = run_cli_quick("tap", "add", tap_name, "--queues", "2", "--owner", "nobody",
+        r = run_cli("tap", "add", tap_name, "--queues", "2", "--owner", "nobody",
                           "--json")
         return {"code": r.code, "stderr": r.stderr,
                 "created": r.json()["created"] if r.code == 0 else None}
@@ -108,7 +94,7 @@ def test_eight_processes_add_one_name_exactly_one_creates(tap_name):
 
 def test_eight_processes_add_one_name_with_exist_ok_all_succeed(tap_name):
     def work() -> dict:
-        r = run_cli_quick("tap", "add", tap_name, "--owner", "nobody", "--mtu", "1400",
+        r = run_cli("tap", "add", tap_name, "--owner", "nobody", "--mtu", "1400",
                           "--exist-ok", "--json")
         return {"code": r.code, "stderr": r.stderr,
                 "created": r.json()["created"] if r.code == 0 else None}
@@ -170,7 +156,7 @@ def test_add_is_exclusive_and_never_checks_first(tap_name, monkeypatch):
 
     monkeypatch.setattr(_fd, "ioctl", spy)
     monkeypatch.setattr(_fd.faults, "check", seen)
-    assert run_cli_quick("tap", "add", tap_name).code == 0
+    assert run_cli("tap", "add", tap_name).code == 0
     setiff = [f for n, f in calls if n == "TUNSETIFF"]
     assert setiff and setiff[0] & T.IFF_TUN_EXCL
     first = next(i for i, op in enumerate(ops) if tap_name in op or op == "TUNSETIFF")

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from tests.kernel.conftest import as_user, fork_call, link_exists, open_fds, run_cli_quick
+from tests.kernel.conftest import as_user, fork_call, gone, link_exists, open_fds, run_cli
 from vhostctl import _fd
 from vhostctl.datapath import Datapath, DatapathConfig
 from vhostctl.errors import VhostctlError
@@ -49,11 +49,6 @@ def is_open(fd: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def gone(*names: str) -> None:
-    for name in names:
-        subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
 
 
 def test_no_fd_of_ours_reaches_an_exec_child(ifname, no_fd_leak):
@@ -91,10 +86,10 @@ def test_tap_add_never_leaves_a_tap_open_to_everyone(ifname, monkeypatch):
     try:
         with Tap.open(bare, exclusive=True) as t:
             t.set_persist(True)
-        r = run_cli_quick("tap", "add", made, "--json")
+        r = run_cli("tap", "add", made, "--json")
         assert r.code == 0, r
         assert r.json()["tap"]["owner"] == 0 and r.json()["tap"]["warnings"] == []
-        shown = run_cli_quick("tap", "show", bare)
+        shown = run_cli("tap", "show", bare)
         assert "any process that can open /dev/net/tun may attach" in \
             " ".join(shown.stderr.split())
 
@@ -106,7 +101,7 @@ def test_tap_add_never_leaves_a_tap_open_to_everyone(ifname, monkeypatch):
                     out[key] = "attached"
                 except VhostctlError as e:
                     out[key] = e.errno
-            d = run_cli_quick("tap", "del", made)
+            d = run_cli("tap", "del", made)
             out["del"] = [d.code, d.stderr]
             return out
 
@@ -124,7 +119,7 @@ def test_tap_add_never_leaves_a_tap_open_to_everyone(ifname, monkeypatch):
 def test_tap_add_under_sudo_gives_the_tap_to_the_sudo_user(ifname, monkeypatch):
     monkeypatch.setenv("SUDO_UID", str(NOBODY))
     try:
-        r = run_cli_quick("tap", "add", ifname, "--json")
+        r = run_cli("tap", "add", ifname, "--json")
         assert r.code == 0, r
         assert r.json()["tap"]["owner"] == NOBODY
 
