@@ -811,8 +811,8 @@ class _Bench:
         if dp is None:
             raise ValidationError("bench", "no datapath")
         templates = [bench_frame(i, size) for i in range(c.ring_size)]
+        mask = c.ring_size - 1
         dp.flush(0)
-        dp.load_tx(templates, 0)
         ver = Verifier(templates)
         run = _Run(self, "vhost", "rr", size)
         queues = range(c.queues)
@@ -824,8 +824,11 @@ class _Bench:
         with HostSocket(self.tap_name, 1) as hs, run.phases:
             prev = clock()
             while run.step():
+                # One frame in flight: send() posts exactly one slot (resend() would post
+                # every free slot again).
+                if dp.send((templates[trips & mask],), 0) != 1:
+                    raise IntegrityError("bench rr", "TX ring full with one frame in flight")
                 trips += 1
-                dp.resend(1, 0)
                 frame = hs.receive(_STALL)
                 hs.send(frame)
                 while not self._ring_frame(dp, queues, ver):
