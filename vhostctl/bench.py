@@ -57,7 +57,7 @@ from . import _fd
 from ._uapi.virtio_net import FEATURES
 from .datapath import ETH_HLEN, VLAN_HLEN, Datapath, DatapathConfig
 from .errors import IntegrityError, SyscallError, ValidationError, WaitTimeout
-from .selftest import MAGIC
+from .selftest import MAGIC, frame_head
 from .tun import Tap
 
 PATHS = ("vhost", "tap")
@@ -81,8 +81,6 @@ SKF_AD_PKTTYPE = 0xFFFFF000 + 4  # SKF_AD_OFF + SKF_AD_PKTTYPE, as the u32 the k
 BPF_LD_W_ABS, BPF_ALU_AND_K, BPF_JMP_JEQ_K, BPF_RET_K = 0x20, 0x54, 0x15, 0x06
 
 _MAGIC_AT, _ID_AT = 42, 46  # Ethernet + IPv4 + UDP, then MAGIC, then the frame id (u32 BE)
-_SRC = bytes.fromhex("fe0000000001")
-_DST = bytes.fromhex("fe0000000002")  # not the tap's MAC: the host stack drops it (OTHERHOST)
 _PATTERN = bytes(range(256)) * 2
 _WAIT = 2.0  # seconds a frame may take under heavy emulation before we call it lost
 _STALL = 10.0  # seconds without any progress before a run fails
@@ -365,14 +363,11 @@ def bench_frame(ident: int, size: int) -> bytes:
     """
     if size < MIN_SIZE:
         raise ValidationError("bench", f"frame size {size}: at least {MIN_SIZE}")
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, size - 14, ident & 0xFFFF, 0, 64, 17, 0,
-                     bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
-    udp = struct.pack("!HHHH", 1024 + (ident & 0x7FFF), 4789, size - 34, 0)
-    body = MAGIC + struct.pack("!II", ident, size)
-    n = size - _ID_AT - 8
+    head = frame_head(ident, size, ident)
+    n = size - len(head)
     r = (ident * 7) & 0xFF
     fill = (_PATTERN[r:r + 256] * (n // 256 + 1))[:n]
-    return _DST + _SRC + b"\x08\x00" + ip + udp + body + fill
+    return head + fill
 
 
 class Verifier:

@@ -34,12 +34,19 @@ def probe_frame(seq: int, size: int, flow: int = 0) -> bytes:
     """A valid-looking IPv4/UDP frame of exactly ``size`` bytes carrying ``seq``."""
     if size < MIN_FRAME:
         raise ValidationError("selftest", f"frame size {size}: at least {MIN_FRAME}")
+    head = frame_head(seq, size, flow)
+    fill = bytes((seq * 7 + i) & 0xFF for i in range(size - len(head)))
+    return head + fill
+
+
+def frame_head(seq: int, size: int, flow: int) -> bytes:
+    """Ethernet + IPv4 + UDP headers for a ``size``-byte frame, then MAGIC, ``seq`` and
+    ``size``: the part of a probe frame before its filler (the bench's frames share it).
+    The UDP source port follows ``flow``, so tun's flow hash picks the queue."""
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, size - 14, seq & 0xFFFF, 0, 64, 17, 0,
                      bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
     udp = struct.pack("!HHHH", 1024 + (flow & 0x7FFF), 4789, size - 34, 0)
-    body = MAGIC + struct.pack("!II", seq, size)
-    fill = bytes((seq * 7 + i) & 0xFF for i in range(size - _PAYLOAD_AT - len(body)))
-    return _DST + _SRC + b"\x08\x00" + ip + udp + body + fill
+    return _DST + _SRC + b"\x08\x00" + ip + udp + MAGIC + struct.pack("!II", seq, size)
 
 
 def is_probe(frame: bytes) -> bool:

@@ -33,6 +33,20 @@ def tap_name(ifname):
         gone(ifname)
 
 
+def fds_but_sockets(pid: int) -> dict[int, str]:
+    """A process's fds and their targets, less sockets: a QMP client's connection closes
+    asynchronously, so it must not count as a change."""
+    out = {}
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{n}")
+        except OSError:
+            continue
+        if not target.startswith("socket:"):
+            out[int(n)] = target
+    return out
+
+
 def open_fds() -> set[int]:
     return {int(x) for x in os.listdir("/proc/self/fd")}
 

@@ -37,7 +37,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.conftest import fork_call, gone, ip, link_snapshot, open_fds, run_cli
+from tests.kernel.conftest import (
+    fds_but_sockets,
+    fork_call,
+    gone,
+    ip,
+    link_snapshot,
+    open_fds,
+    run_cli,
+)
 from vhostctl import _fd
 from vhostctl.datapath import Datapath
 from vhostctl.errors import VhostctlError
@@ -526,14 +534,7 @@ def qemu_state(proc: subprocess.Popen, sock: str) -> dict:
     with QmpClient.connect(sock, 60) as q:
         buses = q.execute("query-pci")
         net = q.execute("human-monitor-command", {"command-line": "info network"})
-    fds = {}
-    for n in os.listdir(f"/proc/{proc.pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{proc.pid}/fd/{n}")
-        except OSError:
-            continue
-        if not target.startswith("socket:"):  # our QMP connection closes asynchronously
-            fds[n] = target
+    fds = fds_but_sockets(proc.pid)
     devices = sorted(d.get("qdev_id", "") for b in buses for d in b["devices"])
     bridged = sorted(d.get("qdev_id", "") for b in buses for p in b["devices"]
                      for d in (p.get("pci_bridge") or {}).get("devices", []))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.conftest import ip, link_exists
+from tests.kernel.conftest import fds_but_sockets, ip, link_exists
 from vhostctl.qmp import QmpClient
 from vhostctl.survey import expected_worker_model, parse_info_network
 
@@ -93,15 +93,7 @@ class Vm:
 
     def fds(self) -> dict[int, str]:
         """QEMU's fds, less sockets: a QMP client's connection closes asynchronously."""
-        out = {}
-        for n in os.listdir(f"/proc/{self.pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{self.pid}/fd/{n}")
-            except OSError:
-                continue
-            if not target.startswith("socket:"):
-                out[int(n)] = target
-        return out
+        return fds_but_sockets(self.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
