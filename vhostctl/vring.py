@@ -50,7 +50,7 @@ import itertools
 import struct
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -305,6 +305,7 @@ class SplitVring:
         self._avail16 = mv[layout.avail : layout.avail + layout.avail_size].cast("H")
         self._used16 = mv[layout.used : layout.used + layout.used_size].cast("H")
         self._used32 = mv[layout.used + 4 : layout.used + 4 + _ELEM_SIZE * num].cast("I")
+        self._used8 = mv[layout.used + 4 : layout.used + 4 + _ELEM_SIZE * num]
         self._used_event_i = 2 + num  # index of used_event in _avail16
         self._avail_event_i = 2 + 4 * num  # index of avail_event in _used16
         self._desc = layout.desc
@@ -334,6 +335,7 @@ class SplitVring:
         else:
             dropped = [m[0] for m in getattr(self, "_meta", ()) if m is not None]
         self._slots: list[int] | None = None
+        self._expect: bytes | None = None
         mv = self._mv
         for off, size in (
             (lay.desc, lay.desc_size),
@@ -371,7 +373,8 @@ class SplitVring:
 
     def close(self) -> None:
         """Release the buffer views (so an ``mmap`` can be closed).  Idempotent."""
-        for name in ("_desc32", "_iota32", "_zero32", "_used32", "_used16", "_avail16", "_mv"):
+        for name in ("_desc32", "_iota32", "_zero32", "_used8", "_used32", "_used16",
+                     "_avail16", "_mv"):
             view = getattr(self, name, None)
             if view is not None:
                 view.release()
@@ -706,6 +709,11 @@ class SplitVring:
         self._slot_wmin = min(caps) if writable else 0
         self._iota = list(range(num)) * 2
         self._iota32 = memoryview(iota32 * 2)
+        # What an in-order device writes for device-readable slots: used elements (slot, 0)
+        # in ring byte order, twice over for wrap-around; reclaim() compares a whole batch
+        # against it with one memcmp (bytes.startswith at an offset: no copy).
+        elem = struct.Struct(("<" if self._byteorder == "little" else ">") + "II").pack
+        self._expect = None if writable else b"".join(elem(i % num, 0) for i in range(2 * num))
         self._zeros = [0] * num
         self._zero32 = memoryview(array.array("I", bytes(4 * num)))
         self._desc32 = mv[d:d + _DESC_SIZE * num].cast("I")
@@ -832,6 +840,115 @@ class SplitVring:
         if self._swap:
             raw = [_bswap32(v) for v in raw]
         return self._harvest_out_of_order(state, caps, raw, self._used_lens(pieces), last)
+
+    def reclaim(self) -> int:
+        """Slot mode: take every completion without listing it; how many slots came free.
+
+        For device-readable slots that go out again as they are (a TX ring of prebuilt frames,
+        :meth:`Datapath.resend`), where the caller needs a count, not the slots.  The checks
+        of :meth:`harvest_slots` are one compare of the new used elements against the
+        ``(slot, 0)`` pairs an in-order device writes; anything else (writable slots, an out of
+        order or bad element) goes through :meth:`harvest_slots`, which names the bad one.
+        """
+        expect = self._expect
+        if expect is None or self._ooo is not None:
+            return len(self.harvest_slots()[0])
+        last = self._last_used
+        used_idx = self._used16[1]
+        if self._swap:
+            used_idx = _bswap16(used_idx)
+        n = (used_idx - last) & 0xFFFF
+        if not n:
+            return 0
+        if n > self._heads or not self._in_order(expect, last, n):
+            return len(self.harvest_slots()[0])
+        self._num_free += n
+        self._consumed(n)
+        return n
+
+    def _in_order(self, expect: bytes, last: int, n: int) -> bool:
+        """Are the ``n`` used elements from ``last`` the ``(slot, 0)`` pairs of an in-order
+        device?  One memcmp per piece (``bytes.startswith`` at an offset copies nothing)."""
+        num, mask, used = self._num, self._mask, self._used8
+        start = last & mask
+        first = 8 * ((last - self._slot_base) & mask)
+        end = start + n
+        # Loaded after used->idx (program order; see module docstring).
+        if end <= num:
+            return expect.startswith(used[8 * start:8 * end], first)
+        return expect.startswith(used[8 * start:], first) and expect.startswith(
+            used[:8 * (end - num)], first + 8 * (num - start))
+
+    def pump(self, batch: int, kick: Callable[[], None], sleep: Callable[[], None]
+             ) -> Iterator[int]:
+        """Slot mode, device-readable: re-post the loaded slots, one batch cycle per ``next()``.
+
+        A cycle is what :meth:`reclaim`, :meth:`post`, :meth:`publish` and
+        :meth:`enable_interrupts_delayed` do in turn for a TX ring of prebuilt frames, fused:
+        take the completions (checked in bulk as in :meth:`reclaim`), post every whole
+        ``batch`` that fits with one ``avail->idx`` store, call ``kick()`` if the device asked
+        for it (EVENT_IDX), ask for a signal once 3/4 of what is in flight is done and call
+        ``sleep()`` unless that already happened.  Yields how many slots it posted.  Why fused:
+        under emulation each Python bytecode costs about a microsecond, and the method calls of
+        the separate steps cost more than vhost's own work on a batch.  The ring's state is
+        kept in its attributes, so between cycles every other method sees a consistent ring.
+        Needs EVENT_IDX and a ring in the host's byte order; :meth:`reclaim` and the separate
+        steps serve the rest.  ``sleep()`` returns once the device signalled, or raises.
+        """
+        op = self._op + " pump"
+        self._slot_mode("pump")
+        expect = self._expect
+        if expect is None:
+            raise ValidationError(op, "device-writable slots are refilled, not re-posted")
+        if not self._event_idx or self._swap:
+            raise ValidationError(op, "needs EVENT_IDX and a ring in the host's byte order")
+        if not 0 < batch <= self._num:
+            raise ValidationError(op, f"batch {batch}: must be 1..{self._num}")
+        return self._pump(batch, kick, sleep, expect)
+
+    def _pump(self, batch: int, kick: Callable[[], None], sleep: Callable[[], None],
+              expect: bytes) -> Iterator[int]:
+        u16, a16, in_order = self._used16, self._avail16, self._in_order
+        uev, aev = self._used_event_i, self._avail_event_i
+        acquire, release = _fence_acquire, _fence_release
+        while True:
+            last = self._last_used
+            n = (u16[1] - last) & 0xFFFF
+            if n:
+                if self._ooo is None and n <= self._heads and in_order(expect, last, n):
+                    self._last_used = last = (last + n) & 0xFFFF
+                    self._heads -= n
+                    self._num_free += n
+                else:
+                    self.harvest_slots()  # names a bad element; out of order: per slot
+                    last = self._last_used
+            free = self._num_free
+            k = free - free % batch
+            if k:
+                if self._ooo is None:  # post(k), in order: the avail entries are in place
+                    self._avail_shadow = new = (self._avail_shadow + k) & 0xFFFF
+                    self._heads += k
+                    self._num_free = free - k
+                else:
+                    self.post(k)
+                    new = self._avail_shadow
+                self._added = 0
+                a16[1] = new  # the release; then store->load as in publish()
+                acquire()
+                release()
+                if (new - u16[aev] - 1) & 0xFFFF < k:  # vring_need_event(), as in publish()
+                    kick()
+            out = (self._avail_shadow - last) & 0xFFFF
+            want = out * 3 // 4 or 1
+            self._irq_enabled = True
+            a16[uev] = (last + want - 1) & 0xFFFF  # as in enable_interrupts_delayed()
+            acquire()
+            release()
+            if (u16[1] - last) & 0xFFFF < want:
+                sleep()
+            self._irq_enabled = False
+            a16[uev] = (last - 1) & 0xFFFF  # parked, as in disable_interrupts()
+            yield k
 
     def _used_lens(self, pieces: tuple[memoryview, ...]) -> list[int]:
         lens = pieces[0][1::2].tolist()

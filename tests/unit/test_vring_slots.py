@@ -312,3 +312,164 @@ def test_random_interleavings_match_a_model(ops: list[tuple[int, int, bool]], ev
         assert vr.outstanding == len(out) + len(completed)
     got, _ = vr.harvest_slots()
     assert got == completed
+
+
+# -- reclaim() and pump(): the TX fast path of prebuilt frames ------------------------------------
+
+def test_reclaim_counts_in_order_completions_for_many_laps_across_the_wrap() -> None:
+    vr, dev, _ = make(num=8, event_idx=True, base=65530)
+    slots(vr)
+    vr.post(8)
+    vr.publish()
+    for _ in range(40):
+        heads = pop_all(dev)
+        assert heads == list(range(8))  # slot i sits at avail position base + i, every lap
+        dev.push([(h, 0) for h in heads[:5]])
+        assert vr.reclaim() == 5
+        dev.push([(h, 0) for h in heads[5:]])
+        assert vr.reclaim() == len(heads) - 5
+        assert vr.reclaim() == 0
+        vr.post(vr.num_free)
+        vr.publish()
+        check_invariants(vr)
+    assert vr.last_used_idx == (65530 + 8 * 40) & 0xFFFF
+
+
+def test_reclaim_hands_out_of_order_and_bad_elements_to_harvest_slots() -> None:
+    vr, dev, _ = make(num=8, event_idx=True)
+    slots(vr)
+    vr.post(6)
+    vr.publish()
+    pop_all(dev)
+    dev.push([(2, 0), (0, 0)])  # zero-copy TX order
+    assert vr.reclaim() == 2
+    assert vr.next_slots(8) == [6, 7, 2, 0]  # switched to explicit bookkeeping
+    dev.push([(1, 5)])  # vhost never writes into a TX buffer
+    with pytest.raises(IntegrityError, match="len 5 exceeds its 0 writable bytes"):
+        vr.reclaim()
+    vr2, dev2, _ = make(num=8, event_idx=True)
+    slots(vr2)
+    vr2.post(2)
+    vr2.publish()
+    dev2.w16(vr2.layout.used + 2, 3)
+    with pytest.raises(IntegrityError, match="only 2 buffers are in flight"):
+        vr2.reclaim()
+    assert (vr2.num_free, vr2.last_used_idx) == (6, 0)
+
+
+def test_reclaim_in_order_with_a_bad_length_takes_the_good_prefix() -> None:
+    vr, dev, _ = make(num=8)
+    slots(vr)
+    vr.post(4)
+    vr.publish()
+    pop_all(dev)
+    dev.push([(0, 0), (1, 0), (2, 9)])
+    assert vr.reclaim() == 2
+    with pytest.raises(IntegrityError, match="len 9"):
+        vr.reclaim()
+
+
+def test_reclaim_of_writable_slots_counts_like_harvest_slots() -> None:
+    vr, dev, _ = make(num=4)
+    slots(vr, writable=True)
+    vr.post(4)
+    vr.publish()
+    pop_all(dev)
+    dev.push([(0, 60), (1, 70)])
+    assert vr.reclaim() == 2 and vr.num_free == 2
+
+
+class _Kernel:
+    """vhost-net's side for pump(): takes what was kicked or is available, completes a share."""
+
+    def __init__(self, dev: Device, done: int) -> None:
+        self.dev, self.done = dev, done
+        self.kicks = self.signals = 0
+        self.popped: list[int] = []
+        self.queue: list[int] = []
+
+    def kick(self) -> None:
+        self.kicks += 1
+
+    def sleep(self) -> None:
+        new = pop_all(self.dev)
+        self.popped += new
+        self.queue += new
+        batch, self.queue = self.queue[:self.done], self.queue[self.done:]
+        self.signals += self.dev.push([(h, 0) for h in batch])
+
+
+def test_pump_reposts_whole_batches_kicks_when_asked_and_sleeps_until_three_quarters() -> None:
+    vr, dev, _ = make(num=8, event_idx=True)
+    slots(vr)
+    k = _Kernel(dev, 6)
+    pump = vr.pump(2, k.kick, k.sleep)
+    assert next(pump) == 8  # everything, with one kick: the device never ran
+    assert k.kicks == 1 and k.signals == 1  # woken exactly when 6 of 8 were done
+    assert dev.r16(vr.layout.used_event) == 0xFFFF  # parked again, one behind last_used (0)
+    assert next(pump) == 6  # the six done, re-posted in one go, no kick (vhost is busy)
+    assert k.kicks == 1
+    for _ in range(50):
+        assert next(pump) % 2 == 0
+        check_invariants(vr)
+    assert k.popped == [i % 8 for i in range(len(k.popped))]  # the slots, in order, forever
+    assert vr.pending == 0 and vr.outstanding == vr.in_flight
+    pump.close()
+    vr.reclaim()  # the ring is consistent for the other methods after the pump
+    check_invariants(vr)
+
+
+def test_pump_kicks_when_the_device_went_idle() -> None:
+    vr, dev, _ = make(num=8, event_idx=True)
+    slots(vr)
+    k = _Kernel(dev, 8)
+    pump = vr.pump(4, k.kick, k.sleep)
+    next(pump)
+    dev.enable_notify()  # vhost drained the ring and sleeps: avail_event = last_avail
+    assert next(pump) == 8 and k.kicks == 2
+
+
+def test_pump_goes_on_after_out_of_order_completions_and_stops_at_a_bad_one() -> None:
+    vr, dev, _ = make(num=8, event_idx=True)
+    slots(vr)
+    k = _Kernel(dev, 0)
+    pump = vr.pump(2, k.kick, lambda: None)
+    assert next(pump) == 8
+    k.queue = pop_all(dev)
+    dev.push([(3, 0), (1, 0)])
+    assert next(pump) == 2
+    assert pop_all(dev) == [3, 1]  # explicit avail entries for the freed slots
+    dev.push([(0, 0), (0, 0)])
+    assert next(pump) == 0  # the good prefix: one slot back, less than a batch
+    with pytest.raises(IntegrityError, match="id 0 is not the head"):
+        next(pump)
+
+
+def test_pump_validation() -> None:
+    vr, _, _ = make(num=8, event_idx=True)
+    with pytest.raises(ValidationError, match="not in slot mode"):
+        vr.pump(2, lambda: None, lambda: None)
+    slots(vr)
+    for batch in (0, 9):
+        with pytest.raises(ValidationError, match="must be 1..8"):
+            vr.pump(batch, lambda: None, lambda: None)
+    rx, _, _ = make(num=8, event_idx=True)
+    slots(rx, writable=True)
+    with pytest.raises(ValidationError, match="refilled, not re-posted"):
+        rx.pump(2, lambda: None, lambda: None)
+    plain, _, _ = make(num=8)
+    slots(plain)
+    with pytest.raises(ValidationError, match="needs EVENT_IDX"):
+        plain.pump(2, lambda: None, lambda: None)
+
+
+def test_pump_passes_on_what_sleep_raises() -> None:
+    vr, _, _ = make(num=8, event_idx=True)
+    slots(vr)
+
+    def stuck() -> None:
+        raise TimeoutError("nothing")
+
+    with pytest.raises(TimeoutError):
+        next(vr.pump(8, lambda: None, stuck))
+    assert vr.in_flight == 8 and vr.pending == 0  # posted and published before the sleep
