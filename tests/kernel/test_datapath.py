@@ -62,6 +62,56 @@ def test_both_directions_byte_exact(ifname, no_fd_leak, queues):
     assert not link_exists(ifname)
 
 
+@pytest.mark.parametrize("queues, event_idx, mixed", [
+    (1, True, False),  # the ring's fused cycle (SplitVring.pump)
+    (1, True, True),  # frames of several sizes: resend() + wait_tx()
+    (1, False, False),  # no EVENT_IDX: resend() + wait_tx()
+    (2, True, False),
+])
+def test_tx_pump_sends_the_loaded_frames_round_and_round(ifname, no_fd_leak, queues, event_idx,
+                                                         mixed):
+    cfg = DatapathConfig(queues=queues, ring_size=64, event_idx=event_idx, tap_name=ifname)
+    with Datapath(cfg) as dp:
+        s = host_socket(dp.ifindex)
+        try:
+            loaded = []
+            for q in range(queues):
+                frames = [probe_frame(1000 * q + i, 60 + 97 * (i % 7) if mixed else 128, flow=q)
+                          for i in range(64)]
+                dp.load_tx(frames, q)
+                loaded.append(frames)
+            pump = dp.tx_pump(16, TIMEOUT)
+            posted = [next(pump) for _ in range(40)]
+            pump.close()
+            for q in range(queues):
+                dp.flush(q)
+            st = dp.stats()
+            assert all(n % 16 == 0 for n in posted) and sum(posted) >= 40 * 16
+            assert sum(x.tx_frames for x in st) == sum(posted)
+            want = [f for q, frames in enumerate(loaded)
+                    for f in (frames * (st[q].tx_frames // 64 + 1))[:st[q].tx_frames]]
+            assert [x.tx_bytes for x in st] == [
+                sum(map(len, (frames * (x.tx_frames // 64 + 1))[:x.tx_frames]))
+                for x, frames in zip(st, loaded, strict=True)]
+            got = host_receive(s, len(want), TIMEOUT)
+            if queues == 1:
+                assert got == want  # every slot, in order, again and again
+            else:
+                assert sorted(got) == sorted(want)
+        finally:
+            s.close()
+
+
+def test_tx_pump_refuses_unloaded_rings_and_bad_batches(ifname, no_fd_leak):
+    with Datapath(DatapathConfig(ring_size=64, tap_name=ifname)) as dp:
+        with pytest.raises(ValidationError, match="load_tx"):
+            dp.tx_pump(16)
+        dp.load_tx([probe_frame(i, 64) for i in range(64)])
+        for batch in (0, 65):
+            with pytest.raises(ValidationError, match="batch"):
+                dp.tx_pump(batch)
+
+
 def test_multiqueue_rx_spreads_over_queues(ifname, no_fd_leak):
     with Datapath(DatapathConfig(queues=4, tap_name=ifname)) as dp:
         s = host_socket(dp.ifindex)
