@@ -56,14 +56,15 @@ def print_bench(report: Any) -> None:
     t = Table(title=f"vhost-net bench on {report.tap} (kernel {report.kernel})",
               title_justify="left")
     for col in ("path", "dir", "size", "pkt/s", "Gbit/s", "verified", "CPU µs/pkt",
-                "worker µs/pkt", "kicks/pkt", "irqs/pkt", "RTT p50/p99/p99.9 µs"):
+                "of it checks", "worker µs/pkt", "kicks/pkt", "irqs/pkt", "RTT p50/p99/p99.9 µs"):
         t.add_column(col, justify="left" if col in ("path", "dir") else "right")
     for r in report.runs:
         lat = r.latency
         t.add_row(r.path, r.direction, str(r.size), _pps(r.pps), f"{r.gbps:.3f}",
                   f"{r.verified}/{r.total_packets}",
                   f"{r.cpu_us:.2f} ({r.cpu_user_us:.2f}u+{r.cpu_sys_us:.2f}s)",
-                  _num(r.worker_us), _num(r.kicks, "{:.4f}"), _num(r.interrupts, "{:.4f}"),
+                  f"{r.verify_us:.2f}", _num(r.worker_us), _num(r.kicks, "{:.4f}"),
+                  _num(r.interrupts, "{:.4f}"),
                   "-" if lat is None else f"{lat.p50_us:.0f}/{lat.p99_us:.0f}/{lat.p999_us:.0f}")
     c.print(t)
     if report.ratios:

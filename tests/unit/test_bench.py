@@ -77,7 +77,7 @@ def _run(path: str, direction: str, size: int, pps: float, cpu: float, worker: f
          p50: float | None = None) -> RunResult:
     lat = None if p50 is None else Latency(10, p50, p50, p50, p50, p50, p50)
     return RunResult(path, direction, size, 1, 1.0, int(pps), int(pps) * size, pps,
-                     pps * size * 8 / 1e9, int(pps), 1, 0, 0, 0, 0, cpu, 0.0, worker,
+                     pps * size * 8 / 1e9, int(pps), 1, 0, 0, 0, 0, cpu, 0.0, 0.0, worker,
                      1 if worker is not None else 0, None, None, lat)
 
 
