@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _fd
 from ._uapi.virtio_net import FEATURES
@@ -441,7 +441,34 @@ def _filtered_socket(ifname: str, every: int,
     return s
 
 
-class Sampler:
+_R = TypeVar("_R", bound="_MappedRing")
+
+
+class _MappedRing:
+    """A packet socket with a PACKET_MMAP ring mapped here: closes views, mapping, socket."""
+
+    _VIEWS: tuple[str, ...] = ()
+    sock: socket.socket
+    _mm: mmap.mmap | None = None
+
+    def close(self) -> None:
+        for name in self._VIEWS:
+            view = getattr(self, name, None)
+            if view is not None:
+                view.release()
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        self.sock.close()
+
+    def __enter__(self: _R) -> _R:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Sampler(_MappedRing):
     """The host side of a TX run: sampled frames land in a PACKET_RX_RING mapped here.
 
     tpacket_rcv() copies every frame the filter passes into the next free frame of a
@@ -452,13 +479,15 @@ class Sampler:
     (program order; the vring module's memory-ordering notes apply).
     """
 
+    _VIEWS = ("_u32", "_u16", "_mv")
+
     def __init__(self, ifname: str, every: int, frame_max: int, between: int) -> None:
         """``between``: at most how many frames go out between two drains (so none is lost)."""
         # tp_mac = TPACKET_ALIGN(TPACKET2_HDRLEN + 16) - ETH_HLEN (tpacket_rcv); 128 covers it.
         fsz = 1 << (128 + frame_max - 1).bit_length()
         block = max(mmap.PAGESIZE, fsz)
         n = max(512, 1 << (2 * between // every - 1).bit_length(), block // fsz)
-        self._mm: mmap.mmap | None = None
+        self._mm = None
 
         def ring(s: socket.socket) -> None:
             _fd.call("setsockopt(PACKET_VERSION)", s.setsockopt, SOL_PACKET, PACKET_VERSION,
@@ -506,29 +535,9 @@ class Sampler:
 
     def drops(self) -> int:
         """Frames that passed the filter but found the ring full (PACKET_STATISTICS)."""
-        return _drops(self.sock)
-
-    def close(self) -> None:
-        for view in (getattr(self, "_u32", None), getattr(self, "_u16", None),
-                     getattr(self, "_mv", None)):
-            if view is not None:
-                view.release()
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
-        self.sock.close()
-
-    def __enter__(self) -> Sampler:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _drops(sock: socket.socket) -> int:
-    raw = _fd.call("getsockopt(PACKET_STATISTICS)", sock.getsockopt, SOL_PACKET,
-                   PACKET_STATISTICS, 8)
-    return int(struct.unpack("II", raw)[1])
+        raw = _fd.call("getsockopt(PACKET_STATISTICS)", self.sock.getsockopt, SOL_PACKET,
+                       PACKET_STATISTICS, 8)
+        return int(struct.unpack("II", raw)[1])
 
 
 class HostSocket:
@@ -556,7 +565,7 @@ class HostSocket:
         self.close()
 
 
-class Injector:
+class Injector(_MappedRing):
     """Host -> tap through an AF_PACKET TX ring: one ``send()`` per batch, no Python per frame.
 
     ``frames`` are written once into the mapped ring (a power-of-two count); :meth:`send`
@@ -564,6 +573,8 @@ class Injector:
     the kernel to transmit them all.  PACKET_QDISC_BYPASS hands them straight to tun.  The
     socket is bound with protocol 0, so it never receives anything.
     """
+
+    _VIEWS = ("_ones", "_status")
 
     def __init__(self, ifname: str, frames: Sequence[bytes]) -> None:
         n = len(frames)
@@ -574,7 +585,7 @@ class Injector:
         n = max(n, block // fsz)
         s = _fd.call("socket(AF_PACKET)", socket.socket, socket.AF_PACKET, socket.SOCK_RAW, 0)
         self.sock = s
-        self._mm: mmap.mmap | None = None
+        self._mm = None
         try:
             opt = _fd.call
             opt("setsockopt(PACKET_VERSION)", s.setsockopt, SOL_PACKET, PACKET_VERSION,
@@ -619,22 +630,6 @@ class Injector:
                                ) from None
         self._cursor = end % n
         return k
-
-    def close(self) -> None:
-        for name in ("_ones", "_status"):
-            view = getattr(self, name, None)
-            if view is not None:
-                view.release()
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
-        self.sock.close()
-
-    def __enter__(self) -> Injector:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # -- measurement scaffolding ----------------------------------------------------------------------

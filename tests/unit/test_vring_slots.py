@@ -33,6 +33,29 @@ def pop_all(dev: Device) -> list[int]:
     return out
 
 
+def random_step(vr: SplitVring, dev: Device, out: list[int], kind: int, k: int, flip: bool, *,
+                writable: bool) -> list[int] | None:
+    """One step of a model test: post ``k`` slots and let the device pop them (``kind`` < 4),
+    or complete up to ``k`` popped ones, reversed if ``flip`` (< 8); the completed slots, [] or
+    None when it is the caller's turn to harvest.  ``out``: popped, not completed."""
+    if kind < 4:
+        ids = vr.next_slots(k)
+        vr.post(len(ids))
+        vr.publish()
+        assert [dev.pop()[0] for _ in ids] == ids  # what the device sees: the free slots
+        out += ids
+        return []
+    if kind < 8 and out:
+        take = out[:k]
+        if flip:
+            take.reverse()
+        for h in take:
+            out.remove(h)
+        dev.push([(h, h + 1 if writable else 0) for h in take])
+        return take
+    return None
+
+
 def test_descriptors_written_once_and_post_is_an_index_update() -> None:
     vr, dev, _ = make(num=8)
     bufs = slots(vr, writable=True)
@@ -290,20 +313,9 @@ def test_random_interleavings_match_a_model(ops: list[tuple[int, int, bool]], ev
     out: list[int] = []  # popped by the device, not completed
     completed: list[int] = []
     for kind, k, flip in ops:
-        if kind < 4:
-            ids = vr.next_slots(k)
-            vr.post(len(ids))
-            vr.publish()
-            assert [dev.pop()[0] for _ in ids] == ids
-            out += ids
-        elif kind < 8 and out:
-            take = out[:k]
-            if flip:
-                take.reverse()
-            for h in take:
-                out.remove(h)
-            dev.push([(h, h + 1) for h in take])
-            completed += take
+        took = random_step(vr, dev, out, kind, k, flip, writable=True)
+        if took is not None:
+            completed += took
         else:
             got, lens = vr.harvest_slots()
             assert got == completed[:len(got)] and lens == [h + 1 for h in got]
@@ -328,20 +340,9 @@ def test_reclaim_matches_a_model_in_and_out_of_order(ops: list[tuple[int, int, b
     out: list[int] = []
     done = 0
     for kind, k, flip in ops:
-        if kind < 4:
-            ids = vr.next_slots(k)
-            vr.post(len(ids))
-            vr.publish()
-            assert [dev.pop()[0] for _ in ids] == ids  # what the device sees: the free slots
-            out += ids
-        elif kind < 8 and out:
-            take = out[:k]
-            if flip:
-                take.reverse()
-            for h in take:
-                out.remove(h)
-            dev.push([(h, 0) for h in take])
-            done += len(take)
+        took = random_step(vr, dev, out, kind, k, flip, writable=False)
+        if took is not None:
+            done += len(took)
         else:
             assert vr.reclaim() == done
             done = 0
