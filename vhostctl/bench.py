@@ -487,7 +487,6 @@ class Sampler(_MappedRing):
         fsz = 1 << (128 + frame_max - 1).bit_length()
         block = max(mmap.PAGESIZE, fsz)
         n = max(512, 1 << (2 * between // every - 1).bit_length(), block // fsz)
-        self._mm = None
 
         def ring(s: socket.socket) -> None:
             _fd.call("setsockopt(PACKET_VERSION)", s.setsockopt, SOL_PACKET, PACKET_VERSION,
@@ -585,7 +584,6 @@ class Injector(_MappedRing):
         n = max(n, block // fsz)
         s = _fd.call("socket(AF_PACKET)", socket.socket, socket.AF_PACKET, socket.SOCK_RAW, 0)
         self.sock = s
-        self._mm = None
         try:
             opt = _fd.call
             opt("setsockopt(PACKET_VERSION)", s.setsockopt, SOL_PACKET, PACKET_VERSION,

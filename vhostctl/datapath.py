@@ -173,6 +173,16 @@ class _Queue:
     running: bool = False
 
 
+def _err_signalled(q: _Queue) -> IntegrityError:
+    return IntegrityError(f"vhost-net queue {q.index}", "vhost signalled an error on the error "
+                          "eventfd (bad descriptor or address; see dmesg)")
+
+
+def _tx_stalled(timeout: float) -> WaitTimeout:
+    return WaitTimeout("tx_pump", f"no TX completion for {timeout}s (vhost worker stuck? see "
+                       "dmesg)")
+
+
 class Datapath:
     """tap <-> vhost-net <-> our split virtqueues, N queue pairs; a context manager.
 
@@ -379,9 +389,7 @@ class Datapath:
                 return ring.has_used()
             ready, _, _ = select.select([call, q.err], [], [], left)
             if q.err in ready:
-                raise IntegrityError(f"vhost-net queue {q.index}",
-                                     "vhost signalled an error on the error eventfd "
-                                     "(bad descriptor or address; see dmesg)")
+                raise _err_signalled(q)
             if call in ready:
                 with contextlib.suppress(BlockingIOError):
                     q.stats.interrupts += int.from_bytes(os.read(call, _EV), sys.byteorder)
@@ -530,8 +538,7 @@ class Datapath:
 
         def sleep() -> None:
             if not self._woke(ep, timeout):
-                raise WaitTimeout(op, f"no TX completion for {timeout}s (vhost worker stuck? "
-                                  "see dmesg)")
+                raise _tx_stalled(timeout)
 
         return self._counted(q, q.tx.pump(batch, kick, sleep))
 
@@ -550,8 +557,7 @@ class Datapath:
             for i in queues:
                 moved += self.resend(batch, i)
             if not self.wait_tx(timeout) and not moved:
-                raise WaitTimeout("tx_pump", f"no TX completion for {timeout}s (vhost worker "
-                                  "stuck? see dmesg)")
+                raise _tx_stalled(timeout)
             yield moved
 
     # -- RX: tap -> our ring -------------------------------------------------------------------
@@ -691,8 +697,7 @@ class Datapath:
             ready, _, _ = select.select([*calls, *errs], [], [], left)
             for fd in ready:
                 if fd in errs:
-                    raise IntegrityError(f"vhost-net queue {errs[fd].index}",
-                                         "vhost signalled an error on the error eventfd")
+                    raise _err_signalled(errs[fd])
                 with contextlib.suppress(BlockingIOError):
                     calls[fd].stats.interrupts += int.from_bytes(os.read(fd, _EV), sys.byteorder)
 
@@ -743,9 +748,7 @@ class Datapath:
         for fd, _ in woke:
             q = self._by_fd[fd]
             if fd == q.err:
-                raise IntegrityError(f"vhost-net queue {q.index}",
-                                     "vhost signalled an error on the error eventfd "
-                                     "(bad descriptor or address; see dmesg)")
+                raise _err_signalled(q)
         return bool(woke)
 
     def collect_interrupts(self) -> None:

@@ -885,7 +885,7 @@ class SplitVring:
 
         A cycle is what :meth:`reclaim`, :meth:`post`, :meth:`publish` and
         :meth:`enable_interrupts_delayed` do in turn for a TX ring of prebuilt frames, fused:
-        take the completions (checked in bulk as in :meth:`reclaim`), post every whole
+        take the completions (:meth:`reclaim`), post every whole
         ``batch`` that fits with one ``avail->idx`` store, call ``kick()`` if the device asked
         for it (EVENT_IDX), ask for a signal once 3/4 of what is in flight is done and call
         ``sleep()`` unless that already happened.  Yields how many slots it posted.  Why fused:
@@ -897,41 +897,27 @@ class SplitVring:
         """
         op = self._op + " pump"
         self._slot_mode("pump")
-        expect = self._expect
-        if expect is None:
+        if self._expect is None:
             raise ValidationError(op, "device-writable slots are refilled, not re-posted")
         if not self._event_idx or self._swap:
             raise ValidationError(op, "needs EVENT_IDX and a ring in the host's byte order")
         if not 0 < batch <= self._num:
             raise ValidationError(op, f"batch {batch}: must be 1..{self._num}")
-        return self._pump(batch, kick, sleep, expect)
+        return self._pump(batch, kick, sleep)
 
-    def _pump(self, batch: int, kick: Callable[[], None], sleep: Callable[[], None],
-              expect: bytes) -> Iterator[int]:
-        u16, a16, in_order = self._used16, self._avail16, self._in_order
+    def _pump(self, batch: int, kick: Callable[[], None], sleep: Callable[[], None]
+              ) -> Iterator[int]:
+        u16, a16, reclaim, post = self._used16, self._avail16, self.reclaim, self.post
         uev, aev = self._used_event_i, self._avail_event_i
         acquire, release = _fence_acquire, _fence_release
         while True:
+            reclaim()
             last = self._last_used
-            n = (u16[1] - last) & 0xFFFF
-            if n:
-                if self._ooo is None and n <= self._heads and in_order(expect, last, n):
-                    self._last_used = last = (last + n) & 0xFFFF
-                    self._heads -= n
-                    self._num_free += n
-                else:
-                    self.harvest_slots()  # names a bad element; out of order: per slot
-                    last = self._last_used
             free = self._num_free
             k = free - free % batch
             if k:
-                if self._ooo is None:  # post(k), in order: the avail entries are in place
-                    self._avail_shadow = new = (self._avail_shadow + k) & 0xFFFF
-                    self._heads += k
-                    self._num_free = free - k
-                else:
-                    self.post(k)
-                    new = self._avail_shadow
+                post(k)
+                new = self._avail_shadow
                 self._added = 0
                 a16[1] = new  # the release; then store->load as in publish()
                 acquire()
