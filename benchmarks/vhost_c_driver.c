@@ -684,7 +684,8 @@ int main(int argc, char **argv)
 	       opt_dir, opt_size, opt_ring, opt_batch, secs, (unsigned long long)pk,
 	       (unsigned long long)(m1.bytes - m0.bytes), secs > 0 ? pk / secs : 0,
 	       secs > 0 ? (m1.bytes - m0.bytes) * 8 / secs / 1e9 : 0, (m1.user - m0.user) * per,
-	       (m1.sys - m0.sys) * per, pk ? (m1.verify_ns - m0.verify_ns) / 1e3 / pk : 0, pk ? (m1.worker - m0.worker) / 1e3 / pk : 0, nworkers,
+	       (m1.sys - m0.sys) * per, pk ? (m1.verify_ns - m0.verify_ns) / 1e3 / pk : 0,
+	       pk ? (m1.worker - m0.worker) / 1e3 / pk : 0, nworkers,
 	       pk ? (double)(m1.kicks - m0.kicks) / pk : 0, pk ? (double)(m1.irqs - m0.irqs) / pk : 0,
 	       (unsigned long long)verified, (unsigned long long)bad, (long long)lost,
 	       tap_name);

@@ -88,11 +88,11 @@ def test_tx_pump_sends_the_loaded_frames_round_and_round(ifname, no_fd_leak, que
             st = dp.stats()
             assert all(n % 16 == 0 for n in posted) and sum(posted) >= 40 * 16
             assert sum(x.tx_frames for x in st) == sum(posted)
-            want = [f for q, frames in enumerate(loaded)
-                    for f in (frames * (st[q].tx_frames // 64 + 1))[:st[q].tx_frames]]
-            assert [x.tx_bytes for x in st] == [
-                sum(map(len, (frames * (x.tx_frames // 64 + 1))[:x.tx_frames]))
-                for x, frames in zip(st, loaded, strict=True)]
+            # What each queue sent: its 64 loaded frames, round and round, tx_frames of them.
+            sent = [(frames * (x.tx_frames // 64 + 1))[:x.tx_frames]
+                    for x, frames in zip(st, loaded, strict=True)]
+            want = [f for frames in sent for f in frames]
+            assert [x.tx_bytes for x in st] == [sum(map(len, frames)) for frames in sent]
             got = host_receive(s, len(want), TIMEOUT)
             if queues == 1:
                 assert got == want  # every slot, in order, again and again
