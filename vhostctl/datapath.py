@@ -641,10 +641,16 @@ class Datapath:
         """
         queues = self.queues
         q = queues[queue] if 0 <= queue < len(queues) else self._queue(queue)
+        st = q.stats
+        # Frames of one size, in order (the common case), are counted without listing them;
+        # with MRG_RXBUF only if no buffer is full (a full one may start a longer frame).
+        got = None if q.rx_partial else q.rx.harvest_uniform(
+            self._bufsz - 1 if self._mrg else None)
+        if got is not None:
+            return self._rx_uniform(q, *got, sample_every)
         ids, lens = self._rx_take(q) if q.rx_partial else q.rx.harvest_slots()
         if not ids:
             return 0, 0, []
-        st = q.stats
         if self._rx_single(lens):
             n = len(ids)
             hdr, bufsz, mv, base = self._hdr, self._bufsz, q.mv, q.rx_bufs
@@ -655,10 +661,7 @@ class Datapath:
                 samples = [bytes(mv[base + b * bufsz + hdr:base + b * bufsz + ln])
                            for b, ln in zip(ids[first::sample_every], lens[first::sample_every],
                                             strict=True)]
-            rx = q.rx
-            rx.post(n)  # the same buffers, back in one go
-            if rx.publish():
-                self._kick(q, q.rx_kick)
+            self._rx_repost(q, n)
         else:
             frames, done = self._rx_merge(q, ids, lens)
             self._rx_refill(q, ids, lens, done)
@@ -668,6 +671,36 @@ class Datapath:
         st.rx_frames += n
         st.rx_bytes += nbytes
         return n, nbytes, samples
+
+    def _rx_uniform(self, q: _Queue, first: int, n: int, length: int, sample_every: int
+                    ) -> tuple[int, int, list[bytes]]:
+        """:meth:`rx_burst` for ``n`` frames of ``length`` bytes (header included) in slots
+        ``first``, ``first + 1``, ... (mod ring size)."""
+        if not n:
+            return 0, 0, []
+        hdr = self._hdr
+        if length < hdr:
+            raise IntegrityError("recv", f"used length {length} is shorter than the header")
+        st = q.stats
+        samples = []
+        if sample_every > 0:
+            bufsz, mv, base, mask = self._bufsz, q.mv, q.rx_bufs, q.rx.num - 1
+            offs = [base + ((first + k) & mask) * bufsz
+                    for k in range(-st.rx_frames % sample_every, n, sample_every)]
+            samples = [bytes(mv[o + hdr:o + length]) for o in offs]
+        self._rx_repost(q, n)
+        nbytes = n * (length - hdr)
+        st.rx_frames += n
+        st.rx_bytes += nbytes
+        return n, nbytes, samples
+
+    def _rx_repost(self, q: _Queue, n: int) -> None:
+        """The ``n`` buffers just harvested, back in one go (slot mode re-posts them in
+        completion order)."""
+        rx = q.rx
+        rx.post(n)
+        if rx.publish():
+            self._kick(q, q.rx_kick)
 
     def recv(self, queue: int = 0, timeout: float = 1.0) -> list[bytes]:
         """Frames received on one queue; waits up to ``timeout`` for the first one."""

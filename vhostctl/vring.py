@@ -222,6 +222,17 @@ def _bswap32(v: int) -> int:
 _max = max  # harvest(max=...) shadows the builtin
 
 
+def _matches(expect: bytes, used8: memoryview, num: int, start: int, first: int, n: int) -> bool:
+    """Do the ``n`` used elements from ring position ``start`` equal ``expect`` from byte
+    ``first`` on?  One memcmp per piece (``bytes.startswith`` at an offset copies nothing).
+    The elements are loaded after ``used->idx`` (program order; see the module docstring)."""
+    end = start + n
+    if end <= num:
+        return expect.startswith(used8[8 * start:8 * end], first)
+    return expect.startswith(used8[8 * start:], first) and expect.startswith(
+        used8[:8 * (end - num)], first + 8 * (num - start))
+
+
 _fence_lock = threading.Lock()
 
 
@@ -335,7 +346,10 @@ class SplitVring:
         else:
             dropped = [m[0] for m in getattr(self, "_meta", ()) if m is not None]
         self._slots: list[int] | None = None
-        self._expect: bytes | None = None
+        self._slot_writable = False
+        # (length, used elements of an in-order device giving every buffer that length):
+        # see _pattern().
+        self._expect: tuple[int, bytes] | None = None
         mv = self._mv
         for off, size in (
             (lay.desc, lay.desc_size),
@@ -709,11 +723,7 @@ class SplitVring:
         self._slot_wmin = min(caps) if writable else 0
         self._iota = list(range(num)) * 2
         self._iota32 = memoryview(iota32 * 2)
-        # What an in-order device writes for device-readable slots: used elements (slot, 0)
-        # in ring byte order, twice over for wrap-around; reclaim() compares a whole batch
-        # against it with one memcmp (bytes.startswith at an offset: no copy).
-        elem = struct.Struct(("<" if self._byteorder == "little" else ">") + "II").pack
-        self._expect = None if writable else b"".join(elem(i % num, 0) for i in range(2 * num))
+        self._expect = None
         self._zeros = [0] * num
         self._zero32 = memoryview(array.array("I", bytes(4 * num)))
         self._desc32 = mv[d:d + _DESC_SIZE * num].cast("I")
@@ -845,59 +855,96 @@ class SplitVring:
         """Slot mode: take every completion without listing it; how many slots came free.
 
         For device-readable slots that go out again as they are (a TX ring of prebuilt frames,
-        :meth:`Datapath.resend`), where the caller needs a count, not the slots.  The checks
-        of :meth:`harvest_slots` are one compare of the new used elements against the
-        ``(slot, 0)`` pairs an in-order device writes; anything else (writable slots, an out of
-        order or bad element) goes through :meth:`harvest_slots`, which names the bad one.
+        :meth:`Datapath.resend`), where the caller needs a count, not the slots: see
+        :meth:`harvest_uniform`.  Anything else (writable slots, an out of order or bad
+        element) goes through :meth:`harvest_slots`, which names the bad one.
         """
-        expect = self._expect
-        if expect is None or self._ooo is not None:
-            return len(self.harvest_slots()[0])
+        if not self._slot_writable:
+            got = self.harvest_uniform()
+            if got is not None:
+                return got[1]
+        return len(self.harvest_slots()[0])
+
+    def harvest_uniform(self, max_len: int | None = None) -> tuple[int, int, int] | None:
+        """Slot mode: take every completion at once if all are in order and of one length.
+
+        Returns ``(first slot, count, length)``: the slots are ``first``, ``first + 1``, ...
+        (mod ``num``), each with ``length`` bytes written (0 for device-readable slots).
+        ``(0, 0, 0)`` when there is nothing new.  None, taking nothing, when the new elements
+        are out of order, differ in length, or the length exceeds ``max_len`` or the slots:
+        :meth:`harvest_slots` then lists and checks them one by one.  The checks are one
+        memcmp of the new used elements against the ``(slot, length)`` pairs an in-order
+        device writes, so a batch costs the same whatever its size: the bulk path of RX
+        (:meth:`Datapath.rx_burst`) and of TX completions (:meth:`reclaim`).
+        """
+        if self._slots is None:
+            self._slot_mode("harvest_uniform")
+        if self._ooo is not None:
+            return None
         last = self._last_used
         used_idx = self._used16[1]
         if self._swap:
             used_idx = _bswap16(used_idx)
         n = (used_idx - last) & 0xFFFF
         if not n:
-            return 0
-        if n > self._heads or not self._in_order(expect, last, n):
-            return len(self.harvest_slots()[0])
+            return 0, 0, 0
+        if n > self._heads:
+            return None  # harvest_slots() raises
+        # Loaded after used->idx (program order; see module docstring).  The first and the
+        # last length must agree before a pattern is built for them.
+        u32, mask = self._used32, self._mask
+        length, end_len = u32[2 * (last & mask) + 1], u32[2 * ((last + n - 1) & mask) + 1]
+        if self._swap:
+            length, end_len = _bswap32(length), _bswap32(end_len)
+        if (length != end_len or length > self._slot_wmin
+                or (max_len is not None and length > max_len)
+                or not self._in_order(last, n, length)):
+            return None
         self._num_free += n
         self._consumed(n)
-        return n
+        return (last - self._slot_base) & mask, n, length
 
-    def _in_order(self, expect: bytes, last: int, n: int) -> bool:
-        """Are the ``n`` used elements from ``last`` the ``(slot, 0)`` pairs of an in-order
-        device?  One memcmp per piece (``bytes.startswith`` at an offset copies nothing)."""
-        num, mask, used = self._num, self._mask, self._used8
-        start = last & mask
-        first = 8 * ((last - self._slot_base) & mask)
-        end = start + n
-        # Loaded after used->idx (program order; see module docstring).
-        if end <= num:
-            return expect.startswith(used[8 * start:8 * end], first)
-        return expect.startswith(used[8 * start:], first) and expect.startswith(
-            used[:8 * (end - num)], first + 8 * (num - start))
+    def _pattern(self, length: int) -> bytes:
+        """The used elements an in-order device writes when every buffer gets ``length``
+        bytes: ``(slot, length)`` pairs in ring byte order, twice over for wrap-around.
+        Kept for the last length asked (RX traffic of one frame size builds it once)."""
+        if self._expect is not None and self._expect[0] == length:
+            return self._expect[1]
+        num = self._num
+        elems = array.array("I", bytes(16 * num))
+        elems[0::2] = array.array("I", range(num)) * 2
+        elems[1::2] = array.array("I", [length]) * (2 * num)
+        if self._swap:
+            elems.byteswap()
+        pattern = elems.tobytes()
+        self._expect = length, pattern
+        return pattern
+
+    def _in_order(self, last: int, n: int, length: int) -> bool:
+        """Are the ``n`` used elements from ``last`` the ``(slot, length)`` pairs of an
+        in-order device?"""
+        mask = self._mask
+        return _matches(self._pattern(length), self._used8, self._num, last & mask,
+                        8 * ((last - self._slot_base) & mask), n)
 
     def pump(self, batch: int, kick: Callable[[], None], sleep: Callable[[], None]
              ) -> Iterator[int]:
         """Slot mode, device-readable: re-post the loaded slots, one batch cycle per ``next()``.
 
-        A cycle is what :meth:`reclaim`, :meth:`post`, :meth:`publish` and
-        :meth:`enable_interrupts_delayed` do in turn for a TX ring of prebuilt frames, fused:
-        take the completions (:meth:`reclaim`), post every whole
-        ``batch`` that fits with one ``avail->idx`` store, call ``kick()`` if the device asked
-        for it (EVENT_IDX), ask for a signal once 3/4 of what is in flight is done and call
-        ``sleep()`` unless that already happened.  Yields how many slots it posted.  Why fused:
-        under emulation each Python bytecode costs about a microsecond, and the method calls of
-        the separate steps cost more than vhost's own work on a batch.  The ring's state is
-        kept in its attributes, so between cycles every other method sees a consistent ring.
-        Needs EVENT_IDX and a ring in the host's byte order; :meth:`reclaim` and the separate
-        steps serve the rest.  ``sleep()`` returns once the device signalled, or raises.
+        A cycle is :meth:`cycle`: take the completions, post every whole ``batch`` that fits
+        with one ``avail->idx`` store, call ``kick()`` if the device asked for it (EVENT_IDX),
+        ask for a signal once 3/4 of what is in flight is done and call ``sleep()`` unless that
+        already happened.  Yields how many slots it posted.  While the device completes in
+        order the steps are fused into one loop over local variables: under emulation each
+        Python bytecode costs about a microsecond, and the method calls of the separate steps
+        cost more than vhost's own work on a batch.  The ring's attributes are brought up to
+        date before ``sleep()`` and every yield, so between cycles (and if ``sleep()`` raises)
+        every other method sees a consistent ring.  Needs EVENT_IDX and a ring in the host's
+        byte order.  ``sleep()`` returns once the device signalled, or raises.
         """
         op = self._op + " pump"
         self._slot_mode("pump")
-        if self._expect is None:
+        if self._slot_writable:
             raise ValidationError(op, "device-writable slots are refilled, not re-posted")
         if not self._event_idx or self._swap:
             raise ValidationError(op, "needs EVENT_IDX and a ring in the host's byte order")
@@ -905,35 +952,66 @@ class SplitVring:
             raise ValidationError(op, f"batch {batch}: must be 1..{self._num}")
         return self._pump(batch, kick, sleep)
 
+    def cycle(self, batch: int, kick: Callable[[], None], sleep: Callable[[], None]) -> int:
+        """One cycle of :meth:`pump` in separate steps; how many slots it posted.
+
+        :meth:`reclaim`, :meth:`post` of every whole ``batch`` that fits, :meth:`publish` (and
+        ``kick()`` if asked), :meth:`enable_interrupts_delayed` at 3/4 of what is in flight
+        (``sleep()`` unless already done), :meth:`disable_interrupts`.  The definition the fused
+        loop follows, and its path once the ring has left in-order mode.
+        """
+        self.reclaim()
+        free = self._num_free
+        k = free - free % batch
+        self.post(k)
+        if self.publish():
+            kick()
+        if not self.enable_interrupts_delayed():
+            sleep()
+        self.disable_interrupts()
+        return k
+
     def _pump(self, batch: int, kick: Callable[[], None], sleep: Callable[[], None]
               ) -> Iterator[int]:
-        u16, a16, reclaim, post = self._used16, self._avail16, self.reclaim, self.post
-        uev, aev = self._used_event_i, self._avail_event_i
+        u16, a16, used8 = self._used16, self._avail16, self._used8
+        uev, aev, num, mask, base = (self._used_event_i, self._avail_event_i, self._num,
+                                     self._mask, self._slot_base)
+        expect = self._pattern(0)
         acquire, release = _fence_acquire, _fence_release
         while True:
-            reclaim()
-            last = self._last_used
-            free = self._num_free
-            k = free - free % batch
+            last, out = self._last_used, self._heads
+            n = (u16[1] - last) & 0xFFFF
+            # reclaim(): anything but in-order (slot, 0) completions, or posts left unpublished
+            # by a caller between cycles, take the separate steps.
+            if self._ooo is not None or self._added or (n and (
+                    n > out or not _matches(expect, used8, num, last & mask,
+                                            8 * ((last - base) & mask), n))):
+                yield self.cycle(batch, kick, sleep)
+                continue
+            last = (last + n) & 0xFFFF
+            out -= n
+            free = num - out
+            k = free - free % batch  # post()
+            avail = self._avail_shadow
             if k:
-                post(k)
-                new = self._avail_shadow
-                self._added = 0
-                a16[1] = new  # the release; then store->load as in publish()
+                avail = (avail + k) & 0xFFFF
+                out += k
+                a16[1] = avail  # publish(): the release, then store->load
                 acquire()
                 release()
-                if (new - u16[aev] - 1) & 0xFFFF < k:  # vring_need_event(), as in publish()
-                    kick()
-            out = (self._avail_shadow - last) & 0xFFFF
-            want = out * 3 // 4 or 1
+            self._last_used, self._heads, self._num_free, self._avail_shadow = (
+                last, out, num - out, avail)
+            if k and (avail - u16[aev] - 1) & 0xFFFF < k:  # vring_need_event(), as in publish()
+                kick()
+            want = out * 3 // 4 or 1  # enable_interrupts_delayed()
             self._irq_enabled = True
-            a16[uev] = (last + want - 1) & 0xFFFF  # as in enable_interrupts_delayed()
+            a16[uev] = (last + want - 1) & 0xFFFF
             acquire()
             release()
             if (u16[1] - last) & 0xFFFF < want:
                 sleep()
             self._irq_enabled = False
-            a16[uev] = (last - 1) & 0xFFFF  # parked, as in disable_interrupts()
+            a16[uev] = (last - 1) & 0xFFFF  # disable_interrupts()
             yield k
 
     def _used_lens(self, pieces: tuple[memoryview, ...]) -> list[int]:

@@ -17,7 +17,7 @@ from tests.kernel.conftest import ip, link_exists
 from vhostctl import _fd
 from vhostctl.datapath import Datapath, DatapathConfig
 from vhostctl.errors import ValidationError
-from vhostctl.selftest import host_receive, host_socket, probe_frame, ring_receive
+from vhostctl.selftest import host_receive, host_socket, is_probe, probe_frame, ring_receive
 
 TIMEOUT = 10.0
 SIZES = [60, 64, 128, 512, 1000, 1514]
@@ -110,6 +110,49 @@ def test_tx_pump_refuses_unloaded_rings_and_bad_batches(ifname, no_fd_leak):
         for batch in (0, 65):
             with pytest.raises(ValidationError, match="batch"):
                 dp.tx_pump(batch)
+
+
+@pytest.mark.parametrize("sizes, opts", [
+    ([128], {}),  # one size: counted in bulk (SplitVring.harvest_uniform)
+    ([60, 128, 1000, 1514], {}),  # several sizes: listed (harvest_slots)
+    ([300], dict(rx_buf_size=512)),  # MRG_RXBUF, every frame in one buffer: in bulk
+    ([1514], dict(rx_buf_size=512)),  # MRG_RXBUF, frames over several buffers: merged
+])
+@pytest.mark.parametrize("every", [1, 3])
+def test_rx_burst_counts_every_frame_and_samples_byte_exact(ifname, no_fd_leak, sizes, opts,
+                                                            every):
+    sent = [probe_frame(i, sizes[i % len(sizes)]) for i in range(300)]
+    with Datapath(DatapathConfig(ring_size=128, tap_name=ifname, **opts)) as dp:
+        s = host_socket(dp.ifindex)
+        try:
+            n = nbytes = 0
+            samples: list[bytes] = []
+
+            def take() -> None:
+                nonlocal n, nbytes, samples
+                k, b, got = dp.rx_burst(0, every)
+                n, nbytes, samples = n + k, nbytes + b, samples + got
+
+            for i in range(0, len(sent), 100):  # more than a ring: buffers must come back
+                for f in sent[i:i + 100]:
+                    s.send(f)
+                while n < i + 100:
+                    assert dp.wait_rx(TIMEOUT, 1), f"{n} frames counted, {i + 100} sent"
+                    take()
+            while dp.wait_rx(0.5, 1):  # the rest, if the host stack sent frames of its own
+                take()
+        finally:
+            s.close()
+        st = dp.stats()[0]
+    assert (st.rx_frames, st.rx_bytes) == (n, nbytes)
+    assert len(samples) == (n + every - 1) // every  # every every-th frame since open
+    probes = [f for f in samples if is_probe(f)]
+    if every == 1:
+        assert probes == sent  # one flow, one queue: in order, byte-exact
+        assert nbytes == sum(map(len, samples))
+    else:
+        assert all(f in sent for f in probes)
+        assert len(probes) >= len(sent) // every - 1
 
 
 def test_multiqueue_rx_spreads_over_queues(ifname, no_fd_leak):
