@@ -996,18 +996,18 @@ class SplitVring:
             if k:
                 avail = (avail + k) & 0xFFFF
                 out += k
-                a16[1] = avail  # publish(): the release, then store->load
-                acquire()
-                release()
+                a16[1] = avail  # publish(): the release
+            want = out * 3 // 4 or 1  # enable_interrupts_delayed()
+            a16[uev] = (last + want - 1) & 0xFFFF
             self._last_used, self._heads, self._num_free, self._avail_shadow = (
                 last, out, num - out, avail)
-            if k and (avail - u16[aev] - 1) & 0xFFFF < k:  # vring_need_event(), as in publish()
-                kick()
-            want = out * 3 // 4 or 1  # enable_interrupts_delayed()
             self._irq_enabled = True
-            a16[uev] = (last + want - 1) & 0xFFFF
+            # One store->load barrier for both stores above and both loads below: publish()'s
+            # before avail_event, enable_interrupts_delayed()'s before used->idx.
             acquire()
             release()
+            if k and (avail - u16[aev] - 1) & 0xFFFF < k:  # vring_need_event(), as in publish()
+                kick()
             if (u16[1] - last) & 0xFFFF < want:
                 sleep()
             self._irq_enabled = False
