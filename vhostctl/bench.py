@@ -87,6 +87,7 @@ _MAGIC_AT, _ID_AT = 42, 46  # Ethernet + IPv4 + UDP, then MAGIC, then the frame 
 _PATTERN = bytes(range(256)) * 2
 _WAIT = 2.0  # seconds a frame may take under heavy emulation before we call it lost
 _STALL = 10.0  # seconds without any progress before a run fails
+_CYCLES = 16  # TX cycles per Datapath.tx_pump() call: between calls, sample checks and phase
 # After an RX run: how long the rings must stay silent before the next run may start.  Frames
 # counted as received include the kernel's own IPv6 ND/MLD (unsampled ones cannot be told
 # apart), so "received == injected" can come a few frames early.
@@ -505,32 +506,35 @@ class Sampler(_MappedRing):
         self._mv = memoryview(self._mm)
         self._u32 = self._mv.cast("I")
         self._u16 = self._mv.cast("H")
-        self._fsz, self._mask, self._cursor = fsz, n - 1, 0
+        # Per ring frame, from where drain() may start, twice over: (index, tp_status and
+        # tp_snaplen as u32 indices, tp_mac as a u16 index, offset) of struct tpacket2_hdr
+        # (tp_status u32 @0, tp_snaplen u32 @8, tp_mac u16 @12): no arithmetic per frame.
+        self._frames = [(i % n, off >> 2, (off >> 2) + 2, (off >> 1) + 6, off)
+                        for i in range(2 * n) for off in ((i % n) * fsz,)]
+        self._n, self._cursor = n, 0
 
     def drain(self, verifier: Verifier) -> int:
         """Check every frame waiting in the ring and give it back; how many."""
-        u32, u16, mv, fsz, mask = self._u32, self._u16, self._mv, self._fsz, self._mask
+        u32, u16, mv, n = self._u32, self._u16, self._mv, self._n
         known, check = verifier.known, verifier.check
         c = self._cursor
-        off = c * fsz
-        n = ok = 0
-        # struct tpacket2_hdr: tp_status u32 @0, tp_snaplen u32 @8, tp_mac u16 @12.  One set
-        # lookup per frame (templates carry their id, so equal to one means equal to its own);
-        # anything else goes through check(), which tells bad from foreign.
-        while u32[off >> 2] & TP_STATUS_USER:
-            mac = off + u16[(off >> 1) + 6]
-            frame = bytes(mv[mac:mac + u32[(off >> 2) + 2]])
-            if frame in known:
-                ok += 1
-            else:
-                check(frame)
-            u32[off >> 2] = TP_STATUS_KERNEL
-            c = (c + 1) & mask
-            off = c * fsz
-            n += 1
-        verifier.ok += ok
-        self._cursor = c
-        return n
+        checked = 0
+        # One set lookup per frame (templates carry their id, so equal to one means equal to
+        # its own); anything else goes through check(), which tells bad from foreign.
+        for i, status, snaplen, mac, off in self._frames[c:c + n]:
+            if not u32[status] & TP_STATUS_USER:
+                got = (i - c) % n
+                break
+            at = off + u16[mac]
+            if bytes(mv[at:at + u32[snaplen]]) not in known:
+                check(bytes(mv[at:at + u32[snaplen]]))
+                checked += 1
+            u32[status] = TP_STATUS_KERNEL
+        else:
+            i, got = c, n  # the whole ring, once round
+        verifier.ok += got - checked
+        self._cursor = i
+        return got
 
     def drops(self) -> int:
         """Frames that passed the filter but found the ring full (PACKET_STATISTICS)."""
@@ -817,23 +821,21 @@ class _Bench:
 
         run.counter = counter
         # One cycle: reclaim + post every whole batch that fits (one avail-index update, a
-        # kick only if vhost sleeps), then sleep until ~3/4 of the ring is done.
-        pump = dp.tx_pump(c.batch, _STALL)
-        # A drain every 16 cycles, each of at most a ring per queue.
-        with Sampler(self.tap_name, c.verify_every, size, 16 * num * c.queues) as hs, \
+        # kick only if vhost sleeps), then sleep until ~3/4 of the ring is done.  Sixteen
+        # cycles per call, then a drain of the samples (at most a ring per queue per cycle)
+        # and the phase.
+        pump, batch = dp.tx_pump, c.batch
+        with Sampler(self.tap_name, c.verify_every, size, _CYCLES * num * c.queues) as hs, \
                 run.phases:
-            ph, rounds = run.phases, 0
+            ph = run.phases
             try:
-                for _ in pump:
-                    rounds += 1
-                    if not rounds & 15:
-                        run.check(hs, ver)
+                while True:
+                    pump(batch, _CYCLES, _STALL)
+                    run.check(hs, ver)
                     if (ph.tick or ph.phase != run.seen) and not run.step():
                         break
             except WaitTimeout:
                 raise _stalled("tx") from None
-            finally:
-                pump.close()
             for q in range(c.queues):
                 dp.flush(q, timeout=_STALL)
             run.check(hs, ver)

@@ -26,11 +26,12 @@ why both modes are tested for RX, not only TX.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import select
 import sys
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import _fd
@@ -507,20 +508,24 @@ class Datapath:
             self._kick(q, q.tx_kick)
         return n
 
-    def tx_pump(self, batch: int, timeout: float = 5.0) -> Generator[int, None, None]:
-        """Re-post what :meth:`load_tx` left on every TX ring, one cycle per ``next()``.
+    def tx_pump(self, batch: int, cycles: int = 1, timeout: float = 5.0) -> int:
+        """Re-post what :meth:`load_tx` left on every TX ring, ``cycles`` times; frames posted.
 
         The throughput loop of a NIC driver with prebuilt frames: each cycle takes the
         completions, posts every whole ``batch`` that fits (one avail-index update, a kick only
-        when vhost asks), then sleeps until ~3/4 of the frames in flight are done; it yields the
-        frames posted.  One queue with frames of one size runs the ring's fused cycle
-        (:meth:`SplitVring.pump`); otherwise each cycle is :meth:`resend` per queue and one
-        :meth:`wait_tx`.  Raises WaitTimeout when no completion comes for ``timeout`` seconds.
+        when vhost asks), then sleeps until ~3/4 of the frames in flight are done.  One queue
+        with frames of one size runs the ring's fused cycle (:meth:`SplitVring.pump`), the
+        cycles driven from C (``itertools.islice``), so no Python runs between them; otherwise
+        each cycle is :meth:`resend` per queue and one :meth:`wait_tx`.  Raises WaitTimeout
+        when no completion comes for ``timeout`` seconds.
         """
         op = "tx_pump"
         if batch <= 0:
             raise ValidationError(op, f"batch {batch}: at least 1")
-        if not self.queues:
+        if cycles < 0:
+            raise ValidationError(op, f"cycles {cycles}: not negative")
+        ep = self._tx_ep
+        if ep is None:
             raise ValidationError(op, "the datapath is not open")
         for q in self.queues:
             if q.tx_sizes is None:
@@ -530,35 +535,30 @@ class Datapath:
                 raise ValidationError(op, f"batch {batch}: at most the ring size {q.tx.num}")
         q = self.queues[0]
         if len(self.queues) > 1 or not q.tx_uniform or not q.tx.event_idx:
-            return self._tx_cycles(batch, timeout)
-        ep = self._tx_ep
+            return sum(self._tx_cycle(batch, timeout) for _ in range(cycles))
+        poll, woken = ep.poll, [(q.tx_call, select.EPOLLIN)]
 
         def kick() -> None:
             self._kick(q, q.tx_kick)
 
         def sleep() -> None:
-            if not self._woke(ep, timeout):
+            woke = poll(timeout)
+            if woke != woken and not self._woke(woke):  # a timeout or the error eventfd
                 raise _tx_stalled(timeout)
 
-        return self._counted(q, q.tx.pump(batch, kick, sleep))
+        n = sum(itertools.islice(q.tx.pump(batch, kick, sleep), cycles))
+        st = q.stats
+        st.tx_frames += n
+        st.tx_bytes += n * q.tx_uniform
+        return n
 
-    @staticmethod
-    def _counted(q: _Queue, cycles: Iterator[int]) -> Generator[int, None, None]:
-        st, size = q.stats, q.tx_uniform
-        for k in cycles:
-            st.tx_frames += k
-            st.tx_bytes += k * size
-            yield k
-
-    def _tx_cycles(self, batch: int, timeout: float) -> Generator[int, None, None]:
-        queues = range(len(self.queues))
-        while True:
-            moved = 0
-            for i in queues:
-                moved += self.resend(batch, i)
-            if not self.wait_tx(timeout) and not moved:
-                raise _tx_stalled(timeout)
-            yield moved
+    def _tx_cycle(self, batch: int, timeout: float) -> int:
+        moved = 0
+        for i in range(len(self.queues)):
+            moved += self.resend(batch, i)
+        if not self.wait_tx(timeout) and not moved:
+            raise _tx_stalled(timeout)
+        return moved
 
     # -- RX: tap -> our ring -------------------------------------------------------------------
     def _rx_take(self, q: _Queue) -> tuple[list[int], list[int]]:
@@ -769,15 +769,14 @@ class Datapath:
             ready = ring.enable_interrupts_delayed(after) or ready
         try:
             if not ready:
-                ready = self._woke(ep, timeout)
+                ready = self._woke(ep.poll(timeout))
         finally:
             for ring in rings:
                 ring.disable_interrupts()
         return ready
 
-    def _woke(self, ep: select.epoll, timeout: float) -> bool:
-        """One epoll_wait; raise on the error eventfd.  False on timeout."""
-        woke = ep.poll(timeout)
+    def _woke(self, woke: list[tuple[int, int]]) -> bool:
+        """What one epoll_wait returned: raise on an error eventfd; False on a timeout."""
         for fd, _ in woke:
             q = self._by_fd[fd]
             if fd == q.err:

@@ -80,13 +80,12 @@ def test_tx_pump_sends_the_loaded_frames_round_and_round(ifname, no_fd_leak, que
                           for i in range(64)]
                 dp.load_tx(frames, q)
                 loaded.append(frames)
-            pump = dp.tx_pump(16, TIMEOUT)
-            posted = [next(pump) for _ in range(40)]
-            pump.close()
+            posted = [dp.tx_pump(16, cycles, TIMEOUT) for cycles in (1, 0, 39)]
             for q in range(queues):
                 dp.flush(q)
             st = dp.stats()
-            assert all(n % 16 == 0 for n in posted) and sum(posted) >= 40 * 16
+            assert posted[1] == 0 and all(n % 16 == 0 for n in posted)
+            assert sum(posted) >= 40 * 16  # every cycle at least a batch
             assert sum(x.tx_frames for x in st) == sum(posted)
             # What each queue sent: its 64 loaded frames, round and round, tx_frames of them.
             sent = [(frames * (x.tx_frames // 64 + 1))[:x.tx_frames]
@@ -110,6 +109,8 @@ def test_tx_pump_refuses_unloaded_rings_and_bad_batches(ifname, no_fd_leak):
         for batch in (0, 65):
             with pytest.raises(ValidationError, match="batch"):
                 dp.tx_pump(batch)
+        with pytest.raises(ValidationError, match="cycles"):
+            dp.tx_pump(16, -1)
 
 
 @pytest.mark.parametrize("sizes, opts", [
