@@ -502,3 +502,84 @@ def test_pump_passes_on_what_sleep_raises() -> None:
     with pytest.raises(TimeoutError):
         next(vr.pump(8, lambda: None, stuck))
     assert vr.in_flight == 8 and vr.pending == 0  # posted and published before the sleep
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 8), st.booleans()), min_size=1, max_size=40),
+       st.sampled_from([0, 0xFFF0]), st.sampled_from([1, 2, 4]))
+def test_pump_fused_cycle_is_the_separate_steps(script: list[tuple[int, bool]], base: int,
+                                                batch: int) -> None:
+    """The fused loop of pump() and cycle() step by step, on twin rings and twin kernels:
+    the same posts, kicks, signals and wake-ups, and the same shared memory, every cycle."""
+    twins = []
+    for _ in range(2):
+        vr, dev, buf = make(num=8, event_idx=True, base=base)
+        slots(vr)
+        twins.append((vr, dev, buf, _Kernel(dev, 0)))
+    (fused, _, fbuf, fk), (steps, sdev, sbuf, sk) = twins
+    pump = fused.pump(batch, fk.kick, fk.sleep)
+    for done, idle in script:
+        fk.done = sk.done = done
+        if idle:  # vhost drained the ring and went to sleep: the next post must kick
+            for _, dev, _, _ in twins:
+                dev.enable_notify()
+        assert next(pump) == steps.cycle(batch, sk.kick, sk.sleep)
+        assert (fk.kicks, fk.signals, fk.popped) == (sk.kicks, sk.signals, sk.popped)
+        assert fbuf == sbuf
+        for name in ("num_free", "in_flight", "pending", "outstanding", "avail_idx"):
+            assert getattr(fused, name) == getattr(steps, name), name
+    assert sdev.used_idx == twins[0][1].used_idx
+
+
+def test_harvest_uniform_takes_an_in_order_batch_of_one_length_at_once() -> None:
+    vr, dev, _ = make(num=8, base=0xFFFC)  # every lap crosses the 16-bit wrap too
+    slots(vr, writable=True)
+    for lap in range(6):
+        vr.post(vr.num_free)
+        vr.publish()
+        first = pop_all(dev)
+        dev.push([(h, 100 + lap) for h in first[:5]])
+        assert vr.harvest_uniform() == (first[0], 5, 100 + lap)
+        assert vr.harvest_uniform() == (0, 0, 0)  # nothing new
+        dev.push([(h, 100 + lap) for h in first[5:]])
+        assert vr.harvest_uniform() == (first[5], 3, 100 + lap)  # across the ring's end
+        check_invariants(vr)
+    assert vr.num_free == 8
+
+
+@pytest.mark.parametrize("elems, max_len", [
+    ([(0, 60), (1, 60), (2, 70)], None),  # lengths differ (the last one)
+    ([(0, 60), (1, 70), (2, 60)], None),  # lengths differ (in the middle)
+    ([(1, 60), (0, 60)], None),  # out of order
+    ([(0, 60), (1, 60)], 59),  # over the caller's bound
+    ([(0, SZ + 1)], None),  # over the slot
+])
+def test_harvest_uniform_leaves_anything_else_to_harvest_slots(elems: list[tuple[int, int]],
+                                                               max_len: int | None) -> None:
+    vr, dev, _ = make(num=4)
+    slots(vr, writable=True)
+    vr.post(4)
+    vr.publish()
+    pop_all(dev)
+    dev.push(elems)
+    assert vr.harvest_uniform(max_len) is None
+    assert vr.outstanding == 4 and vr.has_used()  # nothing taken
+    if elems[0][1] > SZ:
+        with pytest.raises(IntegrityError, match="exceeds"):
+            vr.harvest_slots()
+    else:
+        assert vr.harvest_slots() == ([i for i, _ in elems], [ln for _, ln in elems])
+
+
+def test_harvest_uniform_refuses_a_used_index_jump_through_harvest_slots() -> None:
+    vr, dev, _ = make(num=4)
+    slots(vr, writable=True)
+    vr.post(2)
+    vr.publish()
+    pop_all(dev)
+    dev.w16(dev.lay.used + 2, 3)  # three completions, two buffers in flight
+    assert vr.harvest_uniform() is None
+    with pytest.raises(IntegrityError, match="only 2 buffers are in flight"):
+        vr.harvest_slots()
+    with pytest.raises(ValidationError, match="not in slot mode"):
+        make(num=4)[0].harvest_uniform()
