@@ -536,13 +536,14 @@ class Datapath:
         q = self.queues[0]
         if len(self.queues) > 1 or not q.tx_uniform or not q.tx.event_idx:
             return sum(self._tx_cycle(batch, timeout) for _ in range(cycles))
+        # maxevents: the set's two fds (call, err), so poll() sizes no 1023-entry buffer.
         poll, woken = ep.poll, [(q.tx_call, select.EPOLLIN)]
 
         def kick() -> None:
             self._kick(q, q.tx_kick)
 
         def sleep() -> None:
-            woke = poll(timeout)
+            woke = poll(timeout, 2)
             if woke != woken and not self._woke(woke):  # a timeout or the error eventfd
                 raise _tx_stalled(timeout)
 
@@ -769,7 +770,7 @@ class Datapath:
             ready = ring.enable_interrupts_delayed(after) or ready
         try:
             if not ready:
-                ready = self._woke(ep.poll(timeout))
+                ready = self._woke(ep.poll(timeout, 2 * len(rings)))  # call + err each
         finally:
             for ring in rings:
                 ring.disable_interrupts()
