@@ -33,6 +33,17 @@ def pop_all(dev: Device) -> list[int]:
     return out
 
 
+def in_flight(num: int, count: int, *, writable: bool = False,
+              event_idx: bool = False) -> tuple[SplitVring, Device]:
+    """A ring in slot mode with ``count`` slots posted, published and popped by the device."""
+    vr, dev, _ = make(num=num, event_idx=event_idx)
+    slots(vr, writable=writable)
+    vr.post(count)
+    vr.publish()
+    pop_all(dev)
+    return vr, dev
+
+
 def random_step(vr: SplitVring, dev: Device, out: list[int], kind: int, k: int, flip: bool, *,
                 writable: bool) -> list[int] | None:
     """One step of a model test: post ``k`` slots and let the device pop them (``kind`` < 4),
@@ -163,11 +174,7 @@ def test_slot_mode_refuses_generic_calls_and_busy_rings() -> None:
 
 
 def test_reset_leaves_slot_mode_and_returns_slots_in_flight() -> None:
-    vr, dev, _ = make(num=8)
-    slots(vr)
-    vr.post(5)
-    vr.publish()
-    pop_all(dev)
+    vr, dev = in_flight(8, 5)
     dev.push([(0, 0), (1, 0)])
     assert vr.harvest_slots()[0] == [0, 1]
     assert sorted(vr.reset(0)) == [2, 3, 4]
@@ -203,11 +210,7 @@ def test_out_of_order_completion_switches_to_explicit_bookkeeping() -> None:
     ],
 )
 def test_hostile_elements_out_of_order(elem: tuple[int, int], match: str) -> None:
-    vr, dev, _ = make(num=8)
-    slots(vr)
-    vr.post(4)
-    vr.publish()
-    pop_all(dev)
+    vr, dev = in_flight(8, 4)
     dev.push([(3, 0), elem])
     assert vr.harvest_slots() == ([3], [0])  # the good prefix first
     snap = (vr.num_free, vr.outstanding, vr.last_used_idx)
@@ -218,20 +221,12 @@ def test_hostile_elements_out_of_order(elem: tuple[int, int], match: str) -> Non
 
 
 def test_hostile_duplicate_and_length_in_order() -> None:
-    vr, dev, _ = make(num=8)
-    slots(vr, writable=True)
-    vr.post(8)
-    vr.publish()
-    pop_all(dev)
+    vr, dev = in_flight(8, 8, writable=True)
     dev.push([(0, 10), (1, SZ + 1)])
     assert vr.harvest_slots() == ([0], [10])
     with pytest.raises(IntegrityError, match="len 257 exceeds its 256"):
         vr.harvest_slots()
-    vr2, dev2, _ = make(num=8)
-    slots(vr2)
-    vr2.post(2)
-    vr2.publish()
-    pop_all(dev2)
+    vr2, dev2 = in_flight(8, 2)
     dev2.push([(0, 0), (0, 0)])
     assert vr2.harvest_slots() == ([0], [0])
     with pytest.raises(IntegrityError, match="not the head"):
@@ -373,11 +368,7 @@ def test_reclaim_counts_in_order_completions_for_many_laps_across_the_wrap() -> 
 
 
 def test_reclaim_hands_out_of_order_and_bad_elements_to_harvest_slots() -> None:
-    vr, dev, _ = make(num=8, event_idx=True)
-    slots(vr)
-    vr.post(6)
-    vr.publish()
-    pop_all(dev)
+    vr, dev = in_flight(8, 6, event_idx=True)
     dev.push([(2, 0), (0, 0)])  # zero-copy TX order
     assert vr.reclaim() == 2
     assert vr.next_slots(8) == [6, 7, 2, 0]  # switched to explicit bookkeeping
@@ -387,11 +378,7 @@ def test_reclaim_hands_out_of_order_and_bad_elements_to_harvest_slots() -> None:
 
 
 def test_reclaim_in_order_with_a_bad_length_takes_the_good_prefix() -> None:
-    vr, dev, _ = make(num=8)
-    slots(vr)
-    vr.post(4)
-    vr.publish()
-    pop_all(dev)
+    vr, dev = in_flight(8, 4)
     dev.push([(0, 0), (1, 0), (2, 9)])
     assert vr.reclaim() == 2
     with pytest.raises(IntegrityError, match="len 9"):
@@ -399,11 +386,7 @@ def test_reclaim_in_order_with_a_bad_length_takes_the_good_prefix() -> None:
 
 
 def test_reclaim_of_writable_slots_counts_like_harvest_slots() -> None:
-    vr, dev, _ = make(num=4)
-    slots(vr, writable=True)
-    vr.post(4)
-    vr.publish()
-    pop_all(dev)
+    vr, dev = in_flight(4, 4, writable=True)
     dev.push([(0, 60), (1, 70)])
     assert vr.reclaim() == 2 and vr.num_free == 2
 
@@ -556,11 +539,7 @@ def test_harvest_uniform_takes_an_in_order_batch_of_one_length_at_once() -> None
 ])
 def test_harvest_uniform_leaves_anything_else_to_harvest_slots(elems: list[tuple[int, int]],
                                                                max_len: int | None) -> None:
-    vr, dev, _ = make(num=4)
-    slots(vr, writable=True)
-    vr.post(4)
-    vr.publish()
-    pop_all(dev)
+    vr, dev = in_flight(4, 4, writable=True)
     dev.push(elems)
     assert vr.harvest_uniform(max_len) is None
     assert vr.outstanding == 4 and vr.has_used()  # nothing taken
@@ -572,11 +551,7 @@ def test_harvest_uniform_leaves_anything_else_to_harvest_slots(elems: list[tuple
 
 
 def test_harvest_uniform_refuses_a_used_index_jump_through_harvest_slots() -> None:
-    vr, dev, _ = make(num=4)
-    slots(vr, writable=True)
-    vr.post(2)
-    vr.publish()
-    pop_all(dev)
+    vr, dev = in_flight(4, 2, writable=True)
     dev.w16(dev.lay.used + 2, 3)  # three completions, two buffers in flight
     assert vr.harvest_uniform() is None
     with pytest.raises(IntegrityError, match="only 2 buffers are in flight"):
