@@ -333,6 +333,7 @@ class Datapath:
             if cfg.mtu != 1500:
                 nl.set_mtu(self.tap_name, cfg.mtu)
             if cfg.mac is not None:
+                nl.wait_udev(self.tap_name)  # else udev may replace the address afterwards
                 nl.set_mac(self.tap_name, cfg.mac)
             if cfg.master is not None:
                 nl.set_master(self.tap_name, cfg.master)

@@ -426,6 +426,7 @@ def create(spec: TapSpec, nl: Netlink, *, persist: bool, mtu: int | None = None,
         mtu = spec.mtu if spec.mtu is not None else mtu
         if mtu is not None:
             nl.set_mtu(spec.name, mtu)
+        nl.wait_udev(spec.name)  # else udev may replace the address afterwards
         nl.set_mac(spec.name, spec.mac or random_mac())
         if spec.bridge is not None:
             nl.set_master(spec.name, spec.bridge)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import socket
 import subprocess
 
@@ -58,6 +59,14 @@ def no_fd_leak():
     yield
     leaked = open_fds() - before
     assert not leaked, f"leaked fds: {sorted(leaked)}"
+
+
+def udev_settle() -> None:
+    """Wait (bounded) for udev to finish with new links: with MACAddressPolicy=persistent
+    (systemd's 99-default.link, active in the VM) it gives a new link that has a random
+    address its own some time after creation."""
+    if shutil.which("udevadm"):
+        subprocess.run(["udevadm", "settle", "--timeout=10"], capture_output=True, check=False)
 
 
 def link_exists(name: str) -> bool:

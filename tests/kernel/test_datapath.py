@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from tests.kernel.conftest import ip, link_exists
+from tests.kernel.conftest import ip, link_exists, udev_settle
 from vhostctl import _fd
 from vhostctl.datapath import Datapath, DatapathConfig
 from vhostctl.errors import ValidationError
@@ -154,6 +154,17 @@ def test_rx_burst_counts_every_frame_and_samples_byte_exact(ifname, no_fd_leak, 
     else:
         assert all(f in sent for f in probes)
         assert len(probes) >= len(sent) // every - 1
+
+
+def test_the_address_we_set_outlives_udev(ifname, no_fd_leak):
+    """systemd-udevd gives a new link with a random address a persistent one a moment after it
+    appears (MACAddressPolicy=persistent, on in the VM): the address we set must stay."""
+    for i in range(3):
+        mac = f"fe:00:5e:00:53:{i:02x}"
+        with Datapath(DatapathConfig(mac=mac, tap_name=ifname)) as dp:
+            udev_settle()
+            with open(f"/sys/class/net/{dp.tap_name}/address") as f:
+                assert f.read().strip() == mac, f"round {i}"
 
 
 def test_multiqueue_rx_spreads_over_queues(ifname, no_fd_leak):

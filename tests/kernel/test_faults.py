@@ -45,6 +45,7 @@ from tests.kernel.conftest import (
     link_snapshot,
     open_fds,
     run_cli,
+    udev_settle,
 )
 from vhostctl import _fd
 from vhostctl.datapath import Datapath
@@ -119,14 +120,6 @@ def fail_each(steps: list[int], run: Callable[[], object],
         finally:
             _fd.faults.disarm()
         check(n, result)
-
-
-def udev_settle() -> None:
-    """Wait (bounded) for udev to finish with new links: with MACAddressPolicy=persistent
-    (systemd's 99-default.link, active in the VM) it gives a new bridge its address some time
-    after creation, which would otherwise land between two snapshots."""
-    if shutil.which("udevadm"):
-        subprocess.run(["udevadm", "settle", "--timeout=10"], capture_output=True, check=False)
 
 
 @pytest.fixture

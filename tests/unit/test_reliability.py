@@ -50,6 +50,9 @@ class FakeNl:
             raise NetlinkError(f"RTM_GETLINK {name}", errno.ENODEV)
         return found
 
+    def wait_udev(self, name):
+        return True  # no udevd here
+
     def delete(self, name):
         self.deleted.append(name)
         self.links.pop(name, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,15 @@ from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
 from vhostctl import taps
 from vhostctl._uapi import if_tun as T
 from vhostctl.errors import IoctlError, UnsupportedError, ValidationError
-from vhostctl.netlink import Link, Netlink, NetlinkError, TunAttrs, parse_link, validate_mac
+from vhostctl.netlink import (
+    Link,
+    Netlink,
+    NetlinkError,
+    TunAttrs,
+    parse_link,
+    validate_mac,
+    wait_udev,
+)
 
 # -- validation ------------------------------------------------------------------------------
 
@@ -329,6 +338,9 @@ class FakeNetlink:
     def set_mtu(self, name, mtu):
         self._do(f"mtu {mtu}")
 
+    def wait_udev(self, name):
+        self._do("udev")
+
     def set_mac(self, name, mac):
         self._do(f"mac {mac}")
 
@@ -359,7 +371,7 @@ def test_create_order_persist_last(fake_queues):
     spec = taps.make_spec("vt0", queues=2, owner=0, group=0, bridge="br0",
                           mac="fe:00:00:00:00:09", offloads="csum")
     out = taps.create(spec, FakeNetlink(log), persist=True, mtu=1400)
-    assert log == ["create vt0 x2", "owner 0", "group 0", "offload 0x1", "mtu 1400",
+    assert log == ["create vt0 x2", "owner 0", "group 0", "offload 0x1", "mtu 1400", "udev",
                    "mac fe:00:00:00:00:09", "master br0", "up", "persist True"]
     assert out == made and not any(t.closed for t in made)
 
@@ -382,3 +394,17 @@ def test_create_maps_refused_offloads_to_unsupported(fake_queues, monkeypatch):
         taps.create(spec, FakeNetlink(log), persist=True)
     assert ei.value.code == 4 and "uso4" in str(ei.value)
     assert all(t.closed for t in made)
+
+
+def test_wait_udev_returns_once_udevd_has_handled_the_link(tmp_path) -> None:
+    assert wait_udev(7, timeout=0, run=tmp_path)  # no udevd: nothing to wait for
+    (tmp_path / "control").touch()
+    (tmp_path / "data").mkdir()
+    assert not wait_udev(7, timeout=0.05, run=tmp_path)  # udevd runs, link not handled yet
+    timer = threading.Timer(0.05, (tmp_path / "data" / "n7").touch)
+    timer.start()
+    try:
+        assert wait_udev(7, timeout=5, run=tmp_path)
+    finally:
+        timer.cancel()
+    assert not wait_udev(8, timeout=0, run=tmp_path)  # another link's entry does not count
