@@ -509,8 +509,8 @@ class Sampler(_MappedRing):
         # Per ring frame, from where drain() may start, twice over: (index, tp_status and
         # tp_snaplen as u32 indices, tp_mac as a u16 index, offset) of struct tpacket2_hdr
         # (tp_status u32 @0, tp_snaplen u32 @8, tp_mac u16 @12): no arithmetic per frame.
-        self._frames = [(i % n, off >> 2, (off >> 2) + 2, (off >> 1) + 6, off)
-                        for i in range(2 * n) for off in ((i % n) * fsz,)]
+        self._frames = [(i, off >> 2, (off >> 2) + 2, (off >> 1) + 6, off)
+                        for i, off in enumerate(range(0, n * fsz, fsz))] * 2
         self._n, self._cursor = n, 0
 
     def drain(self, verifier: Verifier) -> int:

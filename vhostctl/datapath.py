@@ -179,6 +179,10 @@ def _err_signalled(q: _Queue) -> IntegrityError:
                           "eventfd (bad descriptor or address; see dmesg)")
 
 
+def _short_header(op: str, length: int) -> IntegrityError:
+    return IntegrityError(op, f"used length {length} is shorter than the header")
+
+
 def _tx_stalled(timeout: float) -> WaitTimeout:
     return WaitTimeout("tx_pump", f"no TX completion for {timeout}s (vhost worker stuck? see "
                        "dmesg)")
@@ -581,7 +585,7 @@ class Datapath:
         if self._mrg and max(lens) >= self._bufsz:
             return False
         if min(lens) < self._hdr:
-            raise IntegrityError("recv", f"used length {min(lens)} is shorter than the header")
+            raise _short_header("recv", min(lens))
         return True
 
     def _rx_merge(self, q: _Queue, ids: list[int], lens: list[int]) -> tuple[list[bytes], int]:
@@ -599,8 +603,7 @@ class Datapath:
             if i + count > n:
                 break  # the rest of this frame's buffers is not in used yet
             if lens[i] < hdr:
-                raise IntegrityError(f"recv(queue={q.index})",
-                                     f"used length {lens[i]} is shorter than the header")
+                raise _short_header(f"recv(queue={q.index})", lens[i])
             parts = [mv[off + hdr:off + lens[i]]]
             for b2, l2 in zip(ids[i + 1:i + count], lens[i + 1:i + count], strict=True):
                 o2 = base + b2 * bufsz
@@ -682,7 +685,7 @@ class Datapath:
             return 0, 0, []
         hdr = self._hdr
         if length < hdr:
-            raise IntegrityError("recv", f"used length {length} is shorter than the header")
+            raise _short_header("recv", length)
         st = q.stats
         samples = []
         if sample_every > 0:

@@ -896,13 +896,15 @@ class SplitVring:
         length, end_len = u32[2 * (last & mask) + 1], u32[2 * ((last + n - 1) & mask) + 1]
         if self._swap:
             length, end_len = _bswap32(length), _bswap32(end_len)
+        first = (last - self._slot_base) & mask
         if (length != end_len or length > self._slot_wmin
                 or (max_len is not None and length > max_len)
-                or not self._in_order(last, n, length)):
+                or not _matches(self._pattern(length), self._used8, self._num, last & mask,
+                                8 * first, n)):
             return None
         self._num_free += n
         self._consumed(n)
-        return (last - self._slot_base) & mask, n, length
+        return first, n, length
 
     def _pattern(self, length: int) -> bytes:
         """The used elements an in-order device writes when every buffer gets ``length``
@@ -919,13 +921,6 @@ class SplitVring:
         pattern = elems.tobytes()
         self._expect = length, pattern
         return pattern
-
-    def _in_order(self, last: int, n: int, length: int) -> bool:
-        """Are the ``n`` used elements from ``last`` the ``(slot, length)`` pairs of an
-        in-order device?"""
-        mask = self._mask
-        return _matches(self._pattern(length), self._used8, self._num, last & mask,
-                        8 * ((last - self._slot_base) & mask), n)
 
     def pump(self, batch: int, kick: Callable[[], None], sleep: Callable[[], None]
              ) -> Iterator[int]:
