@@ -503,7 +503,11 @@ class Sampler(_MappedRing):
         except BaseException:
             self.sock.close()
             raise
-        self._mv = memoryview(self._mm)
+        self._map(self._mm, n, fsz)
+
+    def _map(self, buf: Any, n: int, fsz: int) -> None:
+        """Views on a ring of ``n`` frames of ``fsz`` bytes (a struct tpacket2_hdr at each)."""
+        self._mv = memoryview(buf)
         self._u32 = self._mv.cast("I")
         self._u16 = self._mv.cast("H")
         # Per ring frame, from where drain() may start, twice over: (index, tp_status and

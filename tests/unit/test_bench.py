@@ -23,6 +23,7 @@ from vhostctl.bench import (
     Latency,
     Phases,
     RunResult,
+    Sampler,
     Verifier,
     bench_frame,
     latency_summary,
@@ -193,6 +194,82 @@ def test_verifier_counts() -> None:
     assert v.check(bench_frame(9, 128)) is False  # id beyond the templates
     assert v.check(b"\x33\x33" + bytes(80)) is False  # IPv6 multicast noise
     assert (v.ok, v.bad, v.foreign) == (2, 3, 1)
+
+
+class _Ring:
+    """A PACKET_RX_RING in a bytearray, filled the way tpacket_rcv() fills the real one."""
+
+    def __init__(self, n: int = 8, fsz: int = 256) -> None:
+        self.buf, self.n, self.fsz, self.head = bytearray(n * fsz), n, fsz, 0
+        self.sampler = Sampler.__new__(Sampler)
+        self.sampler._map(self.buf, n, fsz)
+
+    def put(self, frame: bytes, mac: int = 66, status: int = 1) -> None:
+        """struct tpacket2_hdr: tp_status u32 @0, tp_len/tp_snaplen u32 @4/@8, tp_mac u16 @12."""
+        off = self.head * self.fsz
+        self.buf[off + mac:off + mac + len(frame)] = frame
+        struct.pack_into("IIIH", self.buf, off, status, len(frame), len(frame), mac)
+        self.head = (self.head + 1) % self.n
+
+    def owned_by_us(self) -> list[int]:
+        return [i for i in range(self.n) if struct.unpack_from("I", self.buf, i * self.fsz)[0]]
+
+
+def test_sampler_drain_checks_batches_across_the_wrap() -> None:
+    t = [bench_frame(i, 64) for i in range(16)]
+    v, r = Verifier(t), _Ring()
+    assert r.sampler.drain(v) == 0
+    for i in range(3):
+        r.put(t[i])
+    assert r.sampler.drain(v) == 3 and v.ok == 3 and r.owned_by_us() == []
+    for i in range(7):  # frames 3..7, then 0 and 1 of the ring
+        r.put(t[i + 8], status=1 | 0x80)  # TP_STATUS_CSUM_VALID beside TP_STATUS_USER
+    assert r.sampler.drain(v) == 7 and (v.ok, v.bad, v.foreign) == (10, 0, 0)
+    assert r.owned_by_us() == [] and r.sampler.drain(v) == 0
+    for i in range(8):  # the whole ring at once
+        r.put(t[i])
+    assert r.sampler.drain(v) == 8 and v.ok == 18 and r.owned_by_us() == []
+
+
+def test_sampler_drain_stops_at_the_first_frame_still_the_kernels() -> None:
+    t = [bench_frame(i, 64) for i in range(4)]
+    v, r = Verifier(t), _Ring()
+    r.put(t[0])
+    r.put(t[1], status=0)  # being copied: the kernel sets the status last
+    r.put(t[2])
+    assert r.sampler.drain(v) == 1 and r.owned_by_us() == [2]
+
+
+def test_sampler_drain_tells_bad_and_foreign_frames_in_a_batch() -> None:
+    t = [bench_frame(i, 128) for i in range(8)]
+    v, r = Verifier(t), _Ring()
+    corrupt = bytearray(t[1])
+    corrupt[100] ^= 1
+    for f in (t[0], bytes(corrupt), t[2], b"\x33\x33" + bytes(126), t[3]):
+        r.put(f)
+    assert r.sampler.drain(v) == 5 and (v.ok, v.bad, v.foreign) == (3, 1, 1)
+    assert r.owned_by_us() == []
+
+
+def test_sampler_drain_reads_each_frame_where_its_header_says() -> None:
+    """Length and MAC offset come from each frame's header: the bytes a previous lap left in
+    the ring frame (here, an intact copy of the same template) never count."""
+    t = [bench_frame(i, 128) for i in range(8)]
+    v, r = Verifier(t), _Ring()
+    for f in t:
+        r.put(f)
+    assert r.sampler.drain(v) == 8 and v.ok == 8
+    r.put(t[0])
+    r.put(t[1][:-1])  # truncated, in a batch of whole frames: t[1]'s last byte lies behind
+    r.put(t[2])
+    assert r.sampler.drain(v) == 3 and (v.ok, v.bad) == (10, 1)
+    r.put(t[3])
+    r.put(t[4], mac=70)  # moved (e.g. by a VLAN tag), and intact
+    r.put(t[5])
+    assert r.sampler.drain(v) == 3 and (v.ok, v.bad) == (13, 1)
+    r.put(t[6])
+    r.put(t[7][4:] + b"tail", mac=70)  # not ours, yet bytes 66.. of the ring frame read as t[7]
+    assert r.sampler.drain(v) == 2 and (v.ok, v.bad + v.foreign) == (14, 2)
 
 
 def _run_cbpf(prog: bytes, pkt: bytes, pkttype: int) -> int:
