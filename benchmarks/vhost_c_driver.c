@@ -535,7 +535,7 @@ static void run_tx(void)
 		harvest(&tx, NULL);
 		unsigned free_ = tx.num - (uint16_t)(tx.avail_idx - tx.last_used);
 		unsigned k = free_ / opt_batch * opt_batch; /* every whole batch that fits, at once */
-		if (!(++rounds & 63)) /* as vhostctl's bench: _CYCLES * _DRAIN_CALLS */
+		if (!(++rounds & 63)) /* as vhostctl's bench with 1 queue, every 64th */
 			drain(s);
 		if (k) {
 			publish(&tx, k);

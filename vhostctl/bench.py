@@ -88,10 +88,7 @@ _PATTERN = bytes(range(256)) * 2
 _WAIT = 2.0  # seconds a frame may take under heavy emulation before we call it lost
 _STALL = 10.0  # seconds without any progress before a run fails
 _CYCLES = 16  # TX cycles per Datapath.tx_pump() call: between calls, the phase
-# tx_pump() calls between two drains of the TX samples.  Under emulation a drain costs about
-# 0.5 ms beyond its frames (first runs of its code after the TX cycles), so draining every 64
-# cycles instead of 16 took the checks from 0.43 to 0.27 us per 64 B frame.
-_DRAIN_CALLS = 4
+_DRAIN_CALLS, _DRAIN_SAMPLES = 4, 256  # see _drain_calls()
 # After an RX run: how long the rings must stay silent before the next run may start.  Frames
 # counted as received include the kernel's own IPv6 ND/MLD (unsampled ones cannot be told
 # apart), so "received == injected" can come a few frames early.
@@ -473,6 +470,17 @@ class _MappedRing:
         self.close()
 
 
+def _drain_calls(every: int, per_call: int) -> int:
+    """tx_pump() calls between two drains of the TX samples, taking ``per_call`` frames at most.
+
+    Up to _DRAIN_CALLS, as long as at most _DRAIN_SAMPLES samples can be waiting, so the
+    sample ring is no larger than with a drain per call.  Under emulation a drain costs about
+    0.5 ms beyond its frames (first runs of its code after the TX cycles): the default run
+    (1 queue, every 64th frame) drains every 64 cycles, not 16.
+    """
+    return max(1, min(_DRAIN_CALLS, _DRAIN_SAMPLES * every // per_call))
+
+
 class Sampler(_MappedRing):
     """The host side of a TX run: sampled frames land in a PACKET_RX_RING mapped here.
 
@@ -830,20 +838,21 @@ class _Bench:
         run.counter = counter
         # One cycle: reclaim + post every whole batch that fits (one avail-index update, a
         # kick only if vhost sleeps), then sleep until ~3/4 of the ring is done.  The phase
-        # after every _CYCLES cycles; a drain of the samples (at most a ring per queue per
-        # cycle) after every _DRAIN_CALLS of those.
+        # after every _CYCLES cycles (at most a ring per queue each), a drain of the samples
+        # after every ``drain`` calls.
         pump, batch = dp.tx_pump, c.batch
-        between = _CYCLES * _DRAIN_CALLS * num * c.queues
-        with Sampler(self.tap_name, c.verify_every, size, between) as hs, run.phases:
+        per_call = _CYCLES * num * c.queues
+        drain = _drain_calls(c.verify_every, per_call)
+        with Sampler(self.tap_name, c.verify_every, size, per_call * drain) as hs, run.phases:
             ph = run.phases
-            calls = _DRAIN_CALLS
+            calls = drain
             try:
                 while True:
                     pump(batch, _CYCLES, _STALL)
                     calls -= 1
                     if not calls:
                         run.check(hs, ver)
-                        calls = _DRAIN_CALLS
+                        calls = drain
                     if (ph.tick or ph.phase != run.seen) and not run.step():
                         break
             except WaitTimeout:

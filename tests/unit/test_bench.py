@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vhostctl.bench import (
+    _CYCLES,
     MEASURE,
     PACKET_OUTGOING,
     STOP,
@@ -25,6 +26,7 @@ from vhostctl.bench import (
     RunResult,
     Sampler,
     Verifier,
+    _drain_calls,
     bench_frame,
     latency_summary,
     percentile,
@@ -270,6 +272,19 @@ def test_sampler_drain_reads_each_frame_where_its_header_says() -> None:
     r.put(t[6])
     r.put(t[7][4:] + b"tail", mac=70)  # not ours, yet bytes 66.. of the ring frame read as t[7]
     assert r.sampler.drain(v) == 2 and (v.ok, v.bad + v.foreign) == (14, 2)
+
+
+@pytest.mark.parametrize(("every", "queues", "ring", "calls"), [
+    (64, 1, 256, 4), (64, 2, 256, 2), (64, 4, 256, 1), (1, 1, 256, 1), (256, 1, 1024, 4),
+    (8, 1, 64, 2),
+])
+def test_samples_are_drained_less_often_only_while_the_sample_ring_stays_small(
+        every: int, queues: int, ring: int, calls: int) -> None:
+    per_call = _CYCLES * ring * queues
+    assert _drain_calls(every, per_call) == calls
+    # Sampler sizes its ring for twice what may wait: never beyond its 512-frame minimum
+    # unless one call alone needs more (then it drains after every call, as it always did).
+    assert 2 * per_call * calls // every <= max(512, 2 * per_call // every)
 
 
 def _run_cbpf(prog: bytes, pkt: bytes, pkttype: int) -> int:
