@@ -2,7 +2,11 @@
 
 Frames carry (stream, sequence, CRC-32 of the payload) and random sizes; streams are checked
 for exact sequence order (a TX stream is one queue; an RX stream is one flow, which tun's flow
-hash keeps on one queue).  Every 100,000 frames all queues are stopped (SET_BACKEND -1 +
+hash keeps on one queue).  RX flows use other UDP ports than the TX streams: tun steers a flow
+to the queue its frames last came from (tun_flow_update() in tun_get_user()) until that entry
+ages out (TUN_FLOW_EXPIRE, 3 s), so a flow that had been a TX stream would move to its hash's
+queue in the middle of the RX phase, and frames still waiting on the old queue would arrive
+after newer ones.  Every 100,000 frames all queues are stopped (SET_BACKEND -1 +
 GET_VRING_BASE checked against the used index) and restarted from the saved bases.  The error
 eventfds are wired and any signal fails the run.  At the end the tap's own counters must
 reconcile with what the rings counted.
@@ -41,8 +45,9 @@ def soak_frames() -> int:
 class Streams:
     """Builds and checks the frames of many independent, ordered streams."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, port: int) -> None:
         rnd = random.Random(seed)
+        self.port = port  # UDP source port of stream 0
         self.pool = rnd.randbytes(1 << 16)
         self.sizes = [rnd.randrange(60, 1515) for _ in range(4096)]
         self.next_tx: dict[int, int] = {}
@@ -60,7 +65,7 @@ class Streams:
             body = self.pool[off:off + body_len]
             ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, size - 14, seq & 0xFFFF, 0, 64, 17, 0,
                              b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02")
-            udp = struct.pack("!HHHH", 2000 + stream, 9, size - 34, 0)
+            udp = struct.pack("!HHHH", self.port + stream, 9, size - 34, 0)
             out.append(_DST + _SRC + b"\x08\x00" + ip + udp
                        + _HDR.pack(MAGIC, stream, seq, zlib.crc32(body)) + body)
         return out
@@ -109,7 +114,7 @@ def test_soak_both_directions(ifname, no_fd_leak):
             c0 = counters(dp.tap_name)
             r0 = sum(x.rx_frames for x in dp.stats())
             # TX: queue q is stream q; the host socket must see each stream in order.
-            tx = Streams(seed=1)
+            tx = Streams(seed=1, port=2000)
             moved = 0
             while moved < per_queue * QUEUES:
                 for q in range(QUEUES):
@@ -125,7 +130,7 @@ def test_soak_both_directions(ifname, no_fd_leak):
             for q in range(QUEUES):
                 dp.flush(q)
             # RX: FLOWS streams from the host; tun keeps a flow on one queue.
-            rx = Streams(seed=2)
+            rx = Streams(seed=2, port=3000)
             sent = 0
             while sent < per_queue * QUEUES:
                 for flow in range(FLOWS):
