@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
+from tests.unit.scriptload import load_script
 
-def _load() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "scripts" / "bench"
-    loader = importlib.machinery.SourceFileLoader("bench_script", str(path))
-    spec = importlib.util.spec_from_loader("bench_script", loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
-bench = _load()
+bench = load_script("bench")
 
 
 def run(impl: str, rep: int, pps: float, direction: str = "tx", size: int = 64, **kw: object

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from tests.unit.scriptload import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load() -> ModuleType:
-    path = REPO / "scripts" / "lockcheck"
-    loader = importlib.machinery.SourceFileLoader("lockcheck", str(path))
-    spec = importlib.util.spec_from_loader("lockcheck", loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
-lockcheck = _load()
+lockcheck = load_script("lockcheck")
 REQS = lockcheck.requirements()
 LOCK = (REPO / "requirements" / "lock.txt").read_text()
 
