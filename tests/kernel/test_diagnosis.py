@@ -53,6 +53,7 @@ def test_check_over_a_fake_dev_names_absent_and_wrong_nodes(tmp_path):
     assert r.check("vhost features").ok is False
 
 
+@pytest.mark.vm_only
 @pytest.mark.skipif(not in_test_vm(), reason="unloads vhost_net: only inside the test VM")
 def test_vhost_net_module_unloaded_for_real():
     with open("/sys/module/vhost_net/refcnt") as f:
