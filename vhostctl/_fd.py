@@ -16,10 +16,16 @@ import fcntl
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from ._uapi import ioctl_name
 from .errors import IoctlError, OpenError, SyscallError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class FaultInjector:
@@ -129,13 +135,15 @@ def ioctl(fd: int, request: int, arg: Any = 0, *, vq: int | None = None,
         faults.check(name)
         if isinstance(arg, int):
             return fcntl.ioctl(fd, request, arg)
-        return fcntl.ioctl(fd, request, arg, True)
+        # A buffer the kernel may fill in place (mutate_flag): the result is still an int.
+        result: int = fcntl.ioctl(fd, request, arg, True)
+        return result
     except OSError as e:
         err = e.errno or errno.EIO
         raise IoctlError(name, err, vq=vq, hint=_hint(name, err)) from None
 
 
-def call(op: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def call(op: str, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
     """Run any other system call through the choke point (errors named after ``op``)."""
     try:
         faults.check(op)
@@ -199,7 +207,7 @@ class OwnedFd:
         if fd >= 0:
             close(fd)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

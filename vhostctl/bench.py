@@ -918,8 +918,9 @@ class _Bench:
             for q in range(self.cfg.queues):
                 k, _, samples = dp.rx_burst(q, every if ver else 0)
                 n += k
-                for f in samples if ver else ():
-                    ver.check(f)
+                if ver:
+                    for f in samples:
+                        ver.check(f)
             if not dp.wait_rx(_QUIET, 1):
                 return n
 

@@ -225,9 +225,9 @@ class Datapath:
             for t in taps:
                 self._stack.callback(t.close)
             self.tap_name = taps[0].name
-            self._memory = self._stack.enter_context(GuestMemory())
+            mem = self._memory = self._stack.enter_context(GuestMemory())
             for i, tap in enumerate(taps):
-                self.queues.append(self._open_queue(i, tap))
+                self.queues.append(self._open_queue(i, tap, mem))
             self._configure_link()
             for q in self.queues:
                 self._start(q)
@@ -271,8 +271,8 @@ class Datapath:
             if cfg.version_1 and sys.byteorder == "big":
                 tap.vnet_le = True  # VERSION_1 headers are little-endian (virtio 1.2 §5.1.6)
 
-    def _open_queue(self, index: int, tap: Tap) -> _Queue:
-        cfg, mem, st = self.config, self._memory, self._stack
+    def _open_queue(self, index: int, tap: Tap, mem: GuestMemory) -> _Queue:
+        cfg, st = self.config, self._stack
         dev = VhostNet()
         st.callback(dev.close)
         dev.set_owner()

@@ -272,7 +272,7 @@ def _netns_socket(netns: str) -> int:
         _fd.close(nsfd)
     if "sock" not in out:
         raise SyscallError(f"rtnetlink socket in netns {netns}", out.get("err", errno.EIO))
-    return out["sock"].detach()
+    return int(out["sock"].detach())
 
 
 class Netlink:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .errors import ValidationError
 from .netlink import Netlink, validate_mac
@@ -353,7 +353,7 @@ class ProbeReport:
     def totals(self) -> dict[str, int]:
         return {k: sum(getattr(q, k) for q in self.queues) for k in COUNTER_NAMES}
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["totals"] = self.totals()
         d["seconds"] = round(self.seconds, 3)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import sys
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @cache
-def console():
+def console() -> Console:
     from rich.console import Console
 
     return Console(highlight=False)
 
 
 @cache
-def err_console():
+def err_console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True, highlight=False)

@@ -101,6 +101,11 @@ def _ticks(top: float) -> tuple[float, list[float]]:
     return n * step, [i * step for i in range(n + 1)]
 
 
+# The two charts, each a title and what it plots of one run (a bench RunResult).
+_PANELS: tuple[tuple[str, Callable[[Any], float]], ...] = (
+    ("packets/s (millions)", lambda r: r.pps / 1e6), ("Gbit/s", lambda r: r.gbps))
+
+
 def _series(report: Any) -> tuple[list[int], dict[str, dict[int, Any]]]:
     sizes = sorted({r.size for r in report.runs if r.direction != "rr"})
     series: dict[str, dict[int, Any]] = {}
@@ -122,8 +127,7 @@ def svg_chart(report: Any) -> str:
            f'font-family="sans-serif" font-size="12">',
            f'<text x="10" y="18" font-size="14">vhost-net bench, kernel '
            f'{escape(report.kernel)} ({escape(report.tap)})</text>']
-    panels = (("packets/s (millions)", lambda r: r.pps / 1e6), ("Gbit/s", lambda r: r.gbps))
-    for k, (label, value) in enumerate(panels):
+    for k, (label, value) in enumerate(_PANELS):
         x0 = 10 + k * (w_panel + 20)
         plot_w, plot_h = w_panel - left - 10, h - top - bottom
         vmax = max((value(r) for s in series.values() for r in s.values()), default=0.0)
@@ -170,8 +174,7 @@ def _png(report: Any, path: Path) -> None:
     sizes, series = _series(report)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.8 / max(1, len(series))
-    for ax, (label, value) in zip(axes, (("packets/s (millions)", lambda r: r.pps / 1e6),
-                                         ("Gbit/s", lambda r: r.gbps)), strict=True):
+    for ax, (label, value) in zip(axes, _PANELS, strict=True):
         for j, (name, runs) in enumerate(series.items()):
             xs = [i + j * width for i, s in enumerate(sizes) if s in runs]
             ax.bar(xs, [value(runs[s]) for s in sizes if s in runs], width, label=name,

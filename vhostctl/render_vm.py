@@ -177,7 +177,11 @@ def top_table(groups: list[tuple[Any, list[Any]]], sort: str, interval: float) -
 def _keys() -> Iterator[Callable[[float], str]]:
     """Single keypresses from a terminal (cbreak mode), or plain sleeping without one."""
     if not sys.stdin.isatty():
-        yield lambda timeout: (time.sleep(timeout), "")[1]
+        def sleep(timeout: float) -> str:
+            time.sleep(timeout)
+            return ""
+
+        yield sleep
         return
     import termios
     import tty

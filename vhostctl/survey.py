@@ -488,7 +488,7 @@ class Scanner:
             if proc is not None and os.path.isdir(f"{self.proc}/{pid}"):
                 procs.append(proc)
         by_pid = {p.pid: p for p in procs}
-        unmatched = []
+        unmatched: list[Worker] = []
         for w in kthreads:
             owner = by_pid.get(w.owner) or by_pid.get(self._tgid(w.owner) or -1)
             (owner.workers if owner else unmatched).append(w)

@@ -20,7 +20,7 @@ import grp
 import os
 import pwd
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ _STATS = ("rx_packets", "rx_bytes", "rx_errors", "rx_dropped",
 # -- validation ------------------------------------------------------------------------------
 
 
-def _resolve_id(what: str, value: str | int, lookup: Any) -> int:
+def _resolve_id(what: str, value: str | int, lookup: Callable[[str], int]) -> int:
     """A numeric id as given (ASCII digits only), else ``lookup(name)``; a ValidationError
     for anything the kernel could not take as an owner or group."""
     if isinstance(value, int) or (value.isascii() and value.isdigit()):
@@ -197,7 +197,7 @@ _SYS_pidfd_getfd = 438  # the same on every architecture but alpha (unified sysc
 
 def _pidfd_getfd(pidfd: int, targetfd: int) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(_SYS_pidfd_getfd, pidfd, targetfd, 0)
+    fd: int = libc.syscall(_SYS_pidfd_getfd, pidfd, targetfd, 0)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

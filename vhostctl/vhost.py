@@ -16,6 +16,7 @@ import ctypes
 import itertools
 
 from . import _fd
+from ._uapi import ioctl_name
 from ._uapi import vhost as V
 from ._uapi.virtio_net import FEATURES
 from .errors import UnsupportedError, ValidationError
@@ -58,11 +59,11 @@ class VhostDevice(_fd.OwnedFd):
     def _state(self, request: int, vq: int, num: int = 0) -> int:
         s = V.vhost_vring_state(index=vq, num=num)
         _fd.ioctl(self.fileno(), request, s, vq=vq)
-        return s.num
+        return int(s.num)
 
     def _file(self, request: int, vq: int, fd: int) -> None:
         if fd < -1:
-            raise ValidationError(f"{_fd.ioctl_name(request)}(vq={vq})", f"bad fd {fd}")
+            raise ValidationError(f"{ioctl_name(request)}(vq={vq})", f"bad fd {fd}")
         _fd.ioctl(self.fileno(), request, V.vhost_vring_file(index=vq, fd=fd), vq=vq)
 
     # -- ownership ---------------------------------------------------------------------------
@@ -144,9 +145,9 @@ class VhostDevice(_fd.OwnedFd):
                                       f"{align}-byte aligned")
         if flags & ~V.VHOST_VRING_F_LOG:
             raise ValidationError(op, f"unknown flags {flags:#x}")
-        addr = V.vhost_vring_addr(index=vq, flags=flags, desc_user_addr=desc,
+        ring = V.vhost_vring_addr(index=vq, flags=flags, desc_user_addr=desc,
                                   used_user_addr=used, avail_user_addr=avail, log_guest_addr=log)
-        _fd.ioctl(self.fileno(), V.VHOST_SET_VRING_ADDR, addr, vq=vq)
+        _fd.ioctl(self.fileno(), V.VHOST_SET_VRING_ADDR, ring, vq=vq)
 
     def set_vring_kick(self, vq: int, fd: int) -> None:
         self._file(V.VHOST_SET_VRING_KICK, self._vq("VHOST_SET_VRING_KICK", vq), fd)
@@ -181,7 +182,7 @@ class VhostDevice(_fd.OwnedFd):
     def new_worker(self) -> int:
         state = V.vhost_worker_state()
         _fd.ioctl(self.fileno(), V.VHOST_NEW_WORKER, state)
-        return state.worker_id
+        return int(state.worker_id)
 
     def free_worker(self, worker_id: int) -> None:
         _fd.ioctl(self.fileno(), V.VHOST_FREE_WORKER, V.vhost_worker_state(worker_id=worker_id))
@@ -194,7 +195,7 @@ class VhostDevice(_fd.OwnedFd):
     def get_vring_worker(self, vq: int) -> int:
         w = V.vhost_vring_worker(index=self._vq("VHOST_GET_VRING_WORKER", vq))
         _fd.ioctl(self.fileno(), V.VHOST_GET_VRING_WORKER, w, vq=vq)
-        return w.worker_id
+        return int(w.worker_id)
 
 
 class VhostNet(VhostDevice):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from ..errors import ValidationError
 
@@ -60,13 +61,14 @@ class BitNames:
         self.ambiguous = frozenset(s for s, m in short.items() if len(m) > 1)
 
     @classmethod
-    def from_bits(cls, bits: Mapping[str, int] | Iterable[tuple[str, int]], **kw) -> BitNames:
+    def from_bits(cls, bits: Mapping[str, int] | Iterable[tuple[str, int]], **kw: Any) -> BitNames:
         """A table from bit numbers (``VIRTIO_NET_F_MRG_RXBUF`` = 15)."""
         items = bits.items() if isinstance(bits, Mapping) else bits
         return cls(((n, 1 << b) for n, b in items), numbered=True, **kw)
 
     @classmethod
-    def from_masks(cls, masks: Mapping[str, int] | Iterable[tuple[str, int]], **kw) -> BitNames:
+    def from_masks(cls, masks: Mapping[str, int] | Iterable[tuple[str, int]],
+                   **kw: Any) -> BitNames:
         """A table from masks (``TUN_F_TSO4`` = 0x02)."""
         items = masks.items() if isinstance(masks, Mapping) else masks
         return cls(items, numbered=False, **kw)

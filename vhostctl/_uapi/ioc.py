@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
@@ -129,7 +130,8 @@ class Ioctl(int):
         a = ARCHES[arch] if isinstance(arch, str) else arch
         return _encode(a, self.direction, self.type, self.nr, self.size)
 
-    def __reduce__(self):  # keep pickling/copying an Ioctl an Ioctl
+    def __reduce__(self) -> tuple[Callable[..., Ioctl], tuple[str, int, int, int]]:
+        # keep pickling/copying an Ioctl an Ioctl
         return (Ioctl, (self.direction, self.type, self.nr, self.size))
 
 
