@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
@@ -35,7 +35,8 @@ JsonOpt = Annotated[
     bool, typer.Option("--json", "-j", help="Print machine-readable JSON (schema in vhostctl(8)).")
 ]
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def verbose() -> int:
@@ -67,11 +68,11 @@ def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     return typer.Exit(code)
 
 
-def guarded(fn: F) -> F:
+def guarded(fn: Callable[P, R]) -> Callable[P, R]:
     """Error boundary for a command: typed library errors -> message + stable exit code."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
         except VhostctlError as e:
@@ -90,7 +91,7 @@ def guarded(fn: F) -> F:
             raise fail(f"internal error: {type(e).__name__}: {e} (rerun with -vv for a "
                        "traceback)", EXIT_FAILURE) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def main() -> None:
