@@ -1,0 +1,81 @@
+"""Example tests for the QEMU command-line reader: each pins one rule of QEMU's own parser
+(a mutation probe found that the fuzz tests, which only check that nothing raises, let these
+rules go)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vhostctl import qemu_cmdline as qc
+
+
+def test_double_dash_options_are_read_like_single_dash() -> None:
+    """qemu_options.h: QEMU accepts ``--netdev`` for ``-netdev`` (vl.c strips one dash)."""
+    one = qc.parse_argv(["qemu", "-netdev", "tap,id=n0,ifname=t0", "-device",
+                         "virtio-net-pci,netdev=n0"])
+    two = qc.parse_argv(["qemu", "--netdev", "tap,id=n0,ifname=t0", "--device",
+                         "virtio-net-pci,netdev=n0"])
+    assert one == two
+    assert [(n.type, n.id, n.ifname) for n in two.netdevs] == [("tap", "n0", "t0")]
+    assert two.device_for("n0") == qc.DeviceSpec("virtio-net-pci", None, "n0")
+
+
+def test_legacy_net_nic_is_the_guest_half_not_a_backend() -> None:
+    args = qc.parse_argv(["qemu", "-net", "nic,model=virtio", "-net", "tap,ifname=t0,vhost=on"])
+    assert [(n.type, n.ifname, n.vhost) for n in args.netdevs] == [("tap", "t0", True)]
+
+
+def test_nic_shorthand_is_a_backend() -> None:
+    """``-nic tap,...`` is a backend and its device in one; only ``-net nic`` is not."""
+    args = qc.parse_argv(["qemu", "-nic", "tap,id=n1,fd=5"])
+    assert [(n.type, n.id, n.fds) for n in args.netdevs] == [("tap", "n1", (5,))]
+
+
+@pytest.mark.parametrize("word", ["off", "no", "false", "n", "OFF", " No "])
+def test_every_false_spelling_turns_vhost_off(word: str) -> None:
+    assert qc.as_bool(word) is False
+    nd = qc.parse_argv(["qemu", "-netdev", f"tap,id=n0,vhostfd=4,vhost={word}"]).netdevs[0]
+    assert nd.vhost is False and nd.vhostfds == (4,)
+    assert not nd.vhost_requested  # vhost=off wins over a vhostfd (net_init_tap_one)
+
+
+@pytest.mark.parametrize("word", ["on", "yes", "true", "y", "ON"])
+def test_every_true_spelling_turns_vhost_on(word: str) -> None:
+    assert qc.as_bool(word) is True
+    assert qc.parse_argv(["qemu", "-netdev", f"tap,vhost={word}"]).netdevs[0].vhost_requested
+
+
+@pytest.mark.parametrize("value", ["maybe", "", "1", "0", 1, None])
+def test_other_booleans_are_unknown(value: object) -> None:
+    assert qc.as_bool(value) is None
+
+
+def test_vhost_not_written_is_none_and_json_booleans_count() -> None:
+    nd = qc.parse_argv(["qemu", "-netdev", "tap,id=n0"]).netdevs[0]
+    assert nd.vhost is None and not nd.vhost_requested
+    js = qc.parse_argv(["qemu", "-netdev", '{"type":"tap","id":"n0","vhost":false,'
+                        '"vhostfds":"3:4","fds":"5:6","queues":2}']).netdevs[0]
+    assert (js.vhost, js.vhostfds, js.fds, js.queues) == (False, (3, 4), (5, 6), 2)
+
+
+def test_fds_forms() -> None:
+    assert qc.as_fds("3:4") == (3, 4)
+    assert qc.as_fds(["3", "4"]) == (3, 4)
+    assert qc.as_fds(7) == (7,)
+    assert qc.as_fds(-1) == ()
+    assert qc.as_fds(True) == ()
+    assert qc.as_fds("tapfd0:5") == (5,)  # getfd names are not numbers
+
+
+def test_an_option_without_its_value_at_the_end_is_skipped() -> None:
+    assert qc.parse_argv(["qemu", "-netdev"]).netdevs == []
+    assert qc.parse_argv(["qemu", "-m", "512", "-netdev", "user,id=u"]).netdevs[0].id == "u"
+
+
+def test_chardev_qmp_and_name() -> None:
+    args = qc.parse_argv(["qemu", "-name", "guest=vm1,process=qemu-vm1", "-chardev",
+                          "socket,id=mon,path=/run/m.sock,server=on,wait=off", "-qmp",
+                          "unix:/run/q.sock,server,nowait", "-qmp", "tcp:127.0.0.1:4444"])
+    assert (args.name, args.process_name) == ("vm1", "qemu-vm1")
+    assert args.chardevs["mon"] == qc.ChardevSpec("socket", "mon", "/run/m.sock", True, None)
+    assert args.qmp_paths == ["/run/q.sock"]
