@@ -28,3 +28,17 @@ def test_ppc64le_numbers_are_powerpcs() -> None:
     assert VHOST_GET_FEATURES.for_arch(ioc.GENERIC) == 0x8008AF00
     assert VHOST_SET_OWNER.for_arch(ppc) == 0x2000AF01
     assert VHOST_SET_OWNER.for_arch(ioc.GENERIC) == 0x0000AF01
+
+
+@pytest.mark.parametrize("arch", sorted(ioc.ARCHES.values(), key=lambda a: a.name),
+                         ids=lambda a: a.name)
+def test_field_ranges_are_exact(arch: ioc.IocArch) -> None:
+    """typ and nr take 8 bits, size ``sizebits``: the largest value fits, one more raises."""
+    top = (1 << arch.sizebits) - 1
+    assert ioc.ioc_decode(ioc._encode(arch, "rw", 255, 255, top), arch) == ("rw", 255, 255, top)
+    for typ, nr in ((256, 0), (0, 256), (-1, 0), (0, -1)):
+        with pytest.raises(ValueError, match="out of range"):
+            ioc._encode(arch, "read", typ, nr, 8)
+    with pytest.raises(ValueError, match=rf"size {top + 1} does not fit {arch.sizebits} bits "
+                       rf"on {arch.name}"):
+        ioc._encode(arch, "read", 1, 1, top + 1)

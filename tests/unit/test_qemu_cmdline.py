@@ -79,3 +79,21 @@ def test_chardev_qmp_and_name() -> None:
     assert (args.name, args.process_name) == ("vm1", "qemu-vm1")
     assert args.chardevs["mon"] == qc.ChardevSpec("socket", "mon", "/run/m.sock", True, None)
     assert args.qmp_paths == ["/run/q.sock"]
+
+
+def test_fd_zero_is_an_fd() -> None:
+    assert qc.as_fds(0) == (0,) and qc.as_fds("0:1") == (0, 1)
+
+
+def test_legacy_net_name_is_the_id_and_vhostforce_is_read() -> None:
+    nd = qc.parse_argv(["qemu", "-net", "tap,name=hub0,vhostforce=on"]).netdevs[0]
+    assert (nd.id, nd.vhostforce, nd.vhost) == ("hub0", True, None)
+    assert nd.vhost_requested
+    assert not qc.parse_argv(["qemu", "-netdev", "tap,id=a"]).netdevs[0].vhostforce
+
+
+def test_chardev_fd_and_defaults() -> None:
+    args = qc.parse_argv(["qemu", "-chardev", "socket,id=c0,fd=7", "-chardev",
+                          "socket,id=c1,path=/x"])
+    assert args.chardevs["c0"].fd == 7 and args.chardevs["c1"].fd is None
+    assert not args.chardevs["c1"].server
