@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.kernel.conftest import run_cli
 from vhostctl._uapi import if_tun as T
 from vhostctl.datapath import Datapath, DatapathConfig
 from vhostctl.vhost import VHOST_NET_VQ_RX, VHOST_NET_VQ_TX, VhostNet
@@ -57,3 +58,27 @@ def test_get_features_after_set_is_still_the_offered_set(no_fd_leak):
         offered = dev.get_features()
         dev.set_features(offered & (1 << 32))  # VIRTIO_F_VERSION_1 alone
         assert dev.get_features() == offered
+
+
+# tun_set_offload() (drivers/net/tun.c) turns TUN_F_* into netdev features, named as ethtool
+# names them (netdev_features_strings, net/ethtool/common.c).  USO is left out: 6.1 has none.
+ETHTOOL_NAME = {"csum": "tx-checksum-ip-generic", "tso4": "tx-tcp-segmentation",
+                "tso6": "tx-tcp6-segmentation", "tso_ecn": "tx-tcp-ecn-segmentation"}
+
+
+@pytest.mark.parametrize("offloads", ["csum", "csum,tso4", "csum,tso6",
+                                      "csum,tso4,tso6,tso_ecn"])
+def test_tap_add_offloads_read_back_as_ethtool_features(tap_name, offloads):
+    """``tap add --offload`` as the kernel's ethtool features of the tap (ETHTOOL_MSG_FEATURES
+    over genetlink): exactly the asked ones on, the others off."""
+    from pyroute2.ethtool import Ethtool
+
+    r = run_cli("tap", "add", tap_name, "--offload", offloads)
+    assert r.code == 0, r.stderr
+    et = Ethtool()
+    try:
+        features = et.get_features(tap_name).features
+    finally:
+        et.close()
+    active = {name for name in ETHTOOL_NAME.values() if features[name].enable}
+    assert active == {ETHTOOL_NAME[o] for o in offloads.split(",")}
