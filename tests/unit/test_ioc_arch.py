@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 
 from vhostctl._uapi import ioc
@@ -42,3 +44,32 @@ def test_field_ranges_are_exact(arch: ioc.IocArch) -> None:
     with pytest.raises(ValueError, match=rf"size {top + 1} does not fit {arch.sizebits} bits "
                        rf"on {arch.name}"):
         ioc._encode(arch, "read", 1, 1, top + 1)
+
+
+@pytest.mark.parametrize(("made", "number", "parts"), [
+    # The C definitions, called now (the header modules call them once, at import): the
+    # numbers as the kernel headers give them on x86-64 (asm-generic).
+    (lambda: ioc._IO(0xAF, 0x01), 0x0000AF01, ("none", 0xAF, 0x01, 0)),  # VHOST_SET_OWNER
+    (lambda: ioc._IOR(0xAF, 0x00, ctypes.c_uint64), 0x8008AF00, ("read", 0xAF, 0x00, 8)),
+    (lambda: ioc._IOW(ord("T"), 202, ctypes.c_int), 0x400454CA, ("write", 0x54, 202, 4)),
+    (lambda: ioc._IOWR(0xAF, 0x12, 8), 0xC008AF12, ("rw", 0xAF, 0x12, 8)),  # GET_VRING_BASE
+    (lambda: ioc._IOC("rw", 0xAF, 0x12, 8), 0xC008AF12, ("rw", 0xAF, 0x12, 8)),
+])
+def test_helpers_build_the_kernels_numbers(made, number: int, parts: tuple) -> None:
+    req = made()
+    assert isinstance(req, ioc.Ioctl)
+    assert (req.direction, req.type, req.nr, req.size) == parts
+    assert req.for_arch(ioc.GENERIC) == number
+    assert ioc.ioc_decode(number, ioc.GENERIC) == parts
+
+
+def test_collect_ioctls_takes_upper_case_ioctls_only() -> None:
+    ns = {"VHOST_SET_OWNER": ioc._IO(0xAF, 0x01), "helper": ioc._IO(0xAF, 0x02),
+          "VHOST_VIRTIO": 0xAF, "_IO": ioc._IO}
+    assert ioc.collect_ioctls(ns) == {int(ns["VHOST_SET_OWNER"]): "VHOST_SET_OWNER"}
+
+
+def test_decode_names_a_direction_the_arch_does_not_have() -> None:
+    # powerpc has 3 direction bits: 7 (all set) is none|read|write, no valid combination
+    with pytest.raises(ValueError, match=r"direction bits 0x7 are not valid on powerpc"):
+        ioc.ioc_decode(7 << ioc.POWERPC.dirshift, ioc.POWERPC)
