@@ -97,3 +97,34 @@ def test_chardev_fd_and_defaults() -> None:
                           "socket,id=c1,path=/x"])
     assert args.chardevs["c0"].fd == 7 and args.chardevs["c1"].fd is None
     assert not args.chardevs["c1"].server
+
+
+def test_device_keeps_its_id_and_an_empty_id_is_none() -> None:
+    args = qc.parse_argv(["qemu", "-netdev", "tap,id=n0", "-device",
+                          "virtio-net-pci,id=nic0,netdev=n0", "-netdev", "tap,id=n1",
+                          "-device", "virtio-net-pci,id=,netdev=n1"])
+    assert args.device_for("n0") == qc.DeviceSpec("virtio-net-pci", "nic0", "n0")
+    assert args.device_for("n1") == qc.DeviceSpec("virtio-net-pci", None, "n1")
+
+
+def test_is_qemu_by_the_executables_name_when_comm_is_another() -> None:
+    """comm is what the process set (``-name guest,process=vm1``), argv[0] the path run."""
+    assert qc.is_qemu("vm1", ["/usr/bin/qemu-system-x86_64", "-m", "64"])
+    assert qc.is_qemu("qemu-kvm", [])
+    assert not qc.is_qemu("vm1", ["/usr/bin/python3", "qemu.py"])
+    assert not qc.is_qemu("bash", [])
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("id=n0,script=/etc/a=b", {"id": "n0", "script": "/etc/a=b"}),  # split at the first '='
+    (",id=n0,,x", {"id": "n0,x"}),  # an empty part is skipped, the rest still read
+    ("no", {"no": "on"}),  # "no" alone is a flag, not "no" + an empty name
+    ("nowait", {"wait": "off"}),
+])
+def test_split_opts_edges(text: str, want: dict[str, str]) -> None:
+    assert qc.split_opts(text) == want
+
+
+def test_json_options_after_blanks_and_broken_json() -> None:
+    assert qc.parse_opts('  {"id": "n0", "vhost": true}') == {"id": "n0", "vhost": True}
+    assert qc.parse_opts('{"id": ') == {}
