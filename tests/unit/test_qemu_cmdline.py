@@ -120,6 +120,7 @@ def test_is_qemu_by_the_executables_name_when_comm_is_another() -> None:
     (",id=n0,,x", {"id": "n0,x"}),  # an empty part is skipped, the rest still read
     ("no", {"no": "on"}),  # "no" alone is a flag, not "no" + an empty name
     ("nowait", {"wait": "off"}),
+    ("noa", {"a": "off"}),  # any name after "no", one letter too
 ])
 def test_split_opts_edges(text: str, want: dict[str, str]) -> None:
     assert qc.split_opts(text) == want
