@@ -42,11 +42,13 @@ class FakeQemu:
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(self.path)
         self.srv.listen(1)
+        # Before the thread starts: a test on a virtual clock can end, and close the socket,
+        # before the thread first runs; then only accept() sees the closed socket, and says so.
+        self.srv.settimeout(10)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        self.srv.settimeout(10)
         try:
             conn, _ = self.srv.accept()
         except OSError:
