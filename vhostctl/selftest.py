@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import _fd
+from ._uapi.if_tun import IFF_FLAGS, IFF_VNET_HDR
 from ._uapi.virtio_net import FEATURES
 from .datapath import Datapath, DatapathConfig
 from .errors import ValidationError
+from .vhost import VHOST_NET_VQ_RX, VHOST_NET_VQ_TX
 
 MAGIC = b"VHCT"
 PACKET_OUTGOING = 4  # include/uapi/linux/if_packet.h
@@ -104,6 +106,12 @@ class QueueResult:
     rx_bytes: int = 0
     rx_verified: int = 0
     seconds: float = 0.0
+    # Read back from the kernel after setup, not copied from the config: TUNGETIFF's flags,
+    # TUNGETVNETHDRSZ (None when the tap carries no header) and
+    # VHOST_GET_VRING_BUSYLOOP_TIMEOUT of RX and TX.
+    tap_flags: list[str] = field(default_factory=list)
+    tap_vnet_hdr_sz: int | None = None
+    busyloop_usec: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +125,10 @@ class SelftestReport:
     sizes: list[int]
     queues: list[QueueResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # VHOST_GET_FEATURES: what this kernel offers.  vhost-net has no query for the acked set
+    # (vhost_net_ioctl answers VHOST_GET_FEATURES with VHOST_NET_FEATURES), so ``features``
+    # is what VHOST_SET_FEATURES accepted.
+    offered: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -143,11 +155,14 @@ def run_selftest(config: DatapathConfig, frames: int = 256, sizes: Sequence[int]
     with Datapath(config) as dp:
         report = SelftestReport(platform.release(), dp.tap_name,
                                 FEATURES.decode(config.features), config.hdr_len,
-                                config.hdr_mode, frames, sizes)
+                                config.hdr_mode, frames, sizes,
+                                offered=FEATURES.decode(dp.offered))
         s = host_socket(dp.ifindex)
         try:
             for q in dp.queues:
-                report.queues.append(_tx_queue(dp, s, q.index, frames, sizes, timeout, report))
+                res = _tx_queue(dp, s, q.index, frames, sizes, timeout, report)
+                _read_back(dp, res, report)
+                report.queues.append(res)
             _rx_all(dp, s, frames, sizes, timeout, report)
         finally:
             s.close()
@@ -170,6 +185,25 @@ def _tx_queue(dp: Datapath, s: socket.socket, qi: int, count: int, sizes: list[i
         report.problems.append(f"queue {qi} TX: {count - res.tx_verified} frames corrupted "
                                "or out of order")
     return res
+
+
+def _read_back(dp: Datapath, res: QueueResult, report: SelftestReport) -> None:
+    """What the kernel holds for one queue pair, and a problem where it is not what we set."""
+    q = dp.queues[res.queue]
+    flags = q.tap.refresh()
+    res.tap_flags = IFF_FLAGS.decode(flags)
+    cfg = dp.config
+    if flags & IFF_VNET_HDR:
+        res.tap_vnet_hdr_sz = q.tap.vnet_hdr_sz
+    want_sz = cfg.hdr_len if cfg.hdr_mode == "tap" else None
+    if res.tap_vnet_hdr_sz != want_sz:
+        report.problems.append(f"queue {res.queue}: the tap's vnet header is "
+                               f"{res.tap_vnet_hdr_sz} bytes, {want_sz} were set")
+    res.busyloop_usec = [q.dev.get_vring_busyloop_timeout(vq) for vq in (VHOST_NET_VQ_RX,
+                                                                  VHOST_NET_VQ_TX)]
+    if res.busyloop_usec != [cfg.busyloop_usec] * 2:
+        report.problems.append(f"queue {res.queue}: busy-poll timeouts {res.busyloop_usec} "
+                               f"µs, {cfg.busyloop_usec} was set")
 
 
 def _rx_all(dp: Datapath, s: socket.socket, count: int, sizes: list[int], timeout: float,

@@ -143,7 +143,9 @@ class VhostDevice(_fd.OwnedFd):
             if addr <= 0 or addr % align:
                 raise ValidationError(op, f"{what} address {addr:#x} must be non-zero and "
                                       f"{align}-byte aligned")
-        if flags & ~V.VHOST_VRING_F_LOG:
+        # vhost_vring_set_addr(): "if (a.flags & ~(0x1 << VHOST_VRING_F_LOG))"; the constant
+        # is a bit number, so only 1 << 0 is valid.
+        if flags & ~(1 << V.VHOST_VRING_F_LOG):
             raise ValidationError(op, f"unknown flags {flags:#x}")
         ring = V.vhost_vring_addr(index=vq, flags=flags, desc_user_addr=desc,
                                   used_user_addr=used, avail_user_addr=avail, log_guest_addr=log)

@@ -400,6 +400,9 @@ def test_hotplug_then_unplug_leaves_qemu_and_host_as_before(qemu, ifname, cli):
     assert r.json()["created"] is True and r.json()["fdnames"]["vhost"] == ["hp0-vhost0",
                                                                             "hp0-vhost1"]
     assert "hp0" in vm.device_ids() and "hp0" in netdev_ids(vm)
+    # --mac read back from the NIC QEMU made (virtio-net-pci aliases its device's "mac")
+    assert vm.qmp("qom-get", {"path": "/machine/peripheral/hp0", "property": "mac"}) == \
+        "52:54:00:00:00:42"
     p = inspect(cli, vm, "--qmp", vm.sock)
     (nic,) = p["nics"]
     assert (nic["id"], nic["path"], nic["tap"], nic["queues"], len(nic["vhost_fds"])) == \

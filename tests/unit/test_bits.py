@@ -202,3 +202,44 @@ def test_encode_then_decode_gives_canonical_names(names: set[str]) -> None:
     word = FEATURES.encode(names)
     assert set(FEATURES.decode(word)) == {FEATURES.names(m.bit_length() - 1)[0]
                                           for m in (FEATURES.encode([n]) for n in names)}
+
+
+# -- tables built here: the shipped ones are built at import, before a test could see a change ---
+
+
+def test_a_table_from_a_mapping_of_bit_numbers() -> None:
+    t = BitNames.from_bits({"A_F_X": 0, "A_F_Y": 3}, prefixes=("A_", "A_F_"), what="feature")
+    assert t.numbered and t.names(3) == ["A_F_Y"] and t.names(5) == []
+    assert t.decode(1 << 5 | 1) == ["A_F_X", "bit5"]
+    assert t.encode("x,y") == 0b1001  # the longest prefix comes off first: "X", not "F_X"
+    assert t.short_names() == ["x", "y"] and not t.ambiguous
+    with pytest.raises(ValueError, match="negative feature word -1"):
+        t.decode(-1)
+    with pytest.raises(ValidationError) as ei:
+        t.encode("x,z")
+    assert ei.value.op == "feature names" and "unknown feature 'z'" in str(ei.value)
+    assert "valid: x, y" in str(ei.value)
+
+
+def test_a_table_from_a_mapping_of_masks() -> None:
+    t = BitNames.from_masks({"B_ONE": 0x1, "B_FOUR": 0x4}, prefixes=("B_",))
+    assert not t.numbered and t.names(4) == ["B_FOUR"] and t.names(2) == []
+    assert t.decode(0x8 | 0x1) == ["B_ONE", "0x8"]
+    assert t.encode(["one", "", "four"]) == 0x5  # an empty name is skipped, not the end
+    assert t.encode("bit0|0x4") == 0x5  # decode's renderings of single bits
+    assert t.encode("0x1") == 0x1 and t.names(2, numbered=True) == ["B_FOUR"]
+    with pytest.raises(ValidationError, match="unknown flag '0x3'"):
+        t.encode("0x3")
+    with pytest.raises(ValidationError, match="not a name: 4") as ei:
+        t.encode(["one", 4])
+    assert ei.value.op == "flag names"
+
+
+def test_table_construction_edges() -> None:
+    with pytest.raises(ValueError, match="A: 0x0 is not a single bit"):
+        BitNames.from_masks({"A": 0})
+    with pytest.raises(ValueError, match="a given two different bits"):
+        BitNames.from_masks([("A", 1), ("a", 2)])
+    t = BitNames.from_masks([("A", 1), ("A", 1), ("C_", 2)], prefixes=("C_",))
+    assert t.names(1) == ["A"]  # a repeated name is kept once
+    assert t.encode("c_") == 2  # a name that is only the prefix keeps it

@@ -7,14 +7,15 @@ import json
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.unit.vclock import VirtualClock
 from vhostctl import hotplug as hp
+from vhostctl import qmp
 from vhostctl.errors import SyscallError, ValidationError, VhostctlError, WaitTimeout
 from vhostctl.qmp import QmpClient, QmpCommandError, QmpError
 
@@ -41,11 +42,13 @@ class FakeQemu:
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(self.path)
         self.srv.listen(1)
+        # Before the thread starts: a test on a virtual clock can end, and close the socket,
+        # before the thread first runs; then only accept() sees the closed socket, and says so.
+        self.srv.settimeout(10)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        self.srv.settimeout(10)
         try:
             conn, _ = self.srv.accept()
         except OSError:
@@ -165,12 +168,13 @@ def test_json_that_is_not_a_greeting(fake, sockpath):
         QmpClient.connect(str(sockpath))
 
 
-def test_silent_server_times_out_with_a_reason(fake, sockpath):
+def test_silent_server_times_out_with_a_reason(fake, sockpath, monkeypatch):
     fake(greeting=b"")
-    t0 = time.monotonic()
+    clock = VirtualClock().install(monkeypatch, qmp)
+    t0 = clock.now
     with pytest.raises(QmpError, match="one client at a time"):
         QmpClient.connect(str(sockpath), timeout=0.3)
-    assert time.monotonic() - t0 < 3
+    assert clock.now - t0 == pytest.approx(0.3)  # waited its timeout, in virtual seconds
 
 
 def test_bad_timeout_is_refused(sockpath):
@@ -217,13 +221,14 @@ def test_getfd_carries_the_fd(fake, sockpath):
     assert [s[2] for s in srv.seen if s[0] == "query-status"] == [[]]
 
 
-def test_command_timeout_is_bounded(fake, sockpath):
+def test_command_timeout_is_bounded(fake, sockpath, monkeypatch):
     fake(lambda c, a, f: None)
     with QmpClient.connect(str(sockpath), timeout=0.3) as c:
-        t0 = time.monotonic()
+        clock = VirtualClock().install(monkeypatch, qmp)
+        t0 = clock.now
         with pytest.raises(WaitTimeout, match="no answer"):
             c.execute("query-status")
-        assert time.monotonic() - t0 < 3
+        assert clock.now - t0 == pytest.approx(0.3)
 
 
 def test_server_hangs_up(fake, sockpath):
