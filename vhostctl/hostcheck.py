@@ -314,22 +314,35 @@ def _params(p: HostPaths) -> Check:
                  data=values)
 
 
+def expected_worker_model(release: str | None,
+                          fork_from_owner_default: str | None = None) -> str | None:
+    """"kthread" or "task": where this kernel puts vhost workers (None: release unreadable).
+
+    drivers/vhost/vhost.c: since 6.4 ("vhost: use vhost_tasks for worker threads", commit
+    6e890c5d5021) a worker is a thread of the owner process; before, a kthread.  Since 6.17
+    the vhost module parameter fork_from_owner_default=0 (or VHOST_SET_FORK_FROM_OWNER per
+    device) brings kthreads back.
+    """
+    try:
+        ver = kernel_version(release or "")
+    except ValueError:
+        return None
+    if ver < (6, 4) or (fork_from_owner_default or "").upper() in ("0", "N"):
+        return "kthread"
+    return "task"
+
+
 def _workers(p: HostPaths, params: dict[str, str]) -> Check:
     try:
         ver = kernel_version(p.release)
     except ValueError as e:
         return Check("vhost workers", None, str(e))
-    data: dict[str, Any] = {"kernel": p.release}
-    # drivers/vhost/vhost.c: since 6.4 ("vhost: use vhost_tasks for worker threads") a
-    # worker is a thread of the owner process; before, a kthread.  Since
-    # 6.17 fork_from_owner_default=0 (or VHOST_SET_FORK_FROM_OWNER) brings kthreads back.
-    kthread_default = params.get("fork_from_owner_default", "").upper() in ("0", "N")
-    if ver < (6, 4) or kthread_default:
-        data["model"] = "kthread"
+    model = expected_worker_model(p.release, params.get("fork_from_owner_default"))
+    data: dict[str, Any] = {"kernel": p.release, "model": model}
+    if model == "kthread":
         why = "kernel < 6.4" if ver < (6, 4) else "fork_from_owner_default=0"
         detail = (f"kernel threads named vhost-<owner pid>, children of kthreadd ({why})")
     else:
-        data["model"] = "task"
         detail = "threads named vhost-<owner pid> inside the owner process (kernel >= 6.4)"
     return Check("vhost workers", None, detail, data=data)
 

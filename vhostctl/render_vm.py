@@ -44,6 +44,8 @@ def _tap_label(nic: Any) -> Any:
     label = Text(f"{nic.tap}", style="bold")
     bits = [f"{nic.queues} queue{'s' if nic.queues != 1 else ''}",
             f"fds {','.join(map(str, nic.tap_fds))}"]
+    if link is not None and link.kind != "tun":
+        bits.insert(0, f"{link.kind} on {link.lower or '?'} mode {link.mode or '?'}")
     if link is not None and link.visible:
         bits.append("UP" if link.up else "DOWN")
         if link.mtu:
@@ -78,7 +80,9 @@ def _nic_tree(proc: Any, nic: Any, survey: Any) -> Any:
     if nic.path == "vhost-user":
         sock = vmm.add(_t(f"vhost-user socket {nic.socket or '(passed as fd)'}"
                           + (" (QEMU listens)" if nic.socket_server else ""), "cyan"))
-        sock.add(_t("backend process (outside this picture)", "dim"))
+        b = nic.backend
+        sock.add(_t(f"backend {b.comm} pid {b.pid} ({' '.join(b.argv[:1])})" if b else
+                    "backend: no process holds the other end", "bold cyan" if b else "dim"))
         return tree
     if nic.path == "vhost-net":
         model = {"kthread": "kernel threads", "task": "threads of the VMM"}.get(
@@ -119,12 +123,12 @@ def print_survey(survey: Any, verbose: int = 0) -> None:
 
     out = console()
     if not survey.processes:
-        out.print("no QEMU and no process holding /dev/vhost-net or /dev/net/tun fds",
-                  style="dim")
+        out.print("no QEMU and no process holding /dev/vhost-net, /dev/net/tun or macvtap "
+                  "fds", style="dim")
     for p in survey.processes:
         head = _t(p.name or p.comm, "bold magenta")
-        head.append(f"  {p.kind} pid {p.pid}" + (f" uid {p.uid}" if p.uid is not None else ""),
-                    style="dim")
+        head.append(f"  {p.kind} pid {p.pid}" + (f" uid {p.uid}" if p.uid is not None else "")
+                    + f" · from {', '.join(p.view)}", style="dim")
         root = Tree(head)
         for nic in p.nics:
             root.add(_nic_tree(p, nic, survey))
@@ -136,8 +140,10 @@ def print_survey(survey: Any, verbose: int = 0) -> None:
             root.add(_t(f"QMP: QEMU {p.qmp.get('version')}, {p.qmp.get('status')}", "dim"))
         out.print(root)
     for w in survey.unmatched_workers:
-        out.print(_t(f"worker {w.name} (tid {w.tid}, {w.model}) belongs to no process shown",
-                     "dim"))
+        where = f", thread of pid {w.tgid}" if w.tgid is not None else ""
+        out.print(_t(f"unmatched worker {w.name} (tid {w.tid}, {w.model}{where}, "
+                     f"{w.cpu_seconds:.2f} s CPU, last cpu {w.last_cpu}): its owner holds no "
+                     "vhost fd shown", "yellow"))
     for w in survey.warnings:
         out.print(_t(f"⚠ {w}", "yellow"))
     if verbose:
@@ -152,7 +158,8 @@ def top_table(groups: list[tuple[Any, list[Any]]], sort: str, interval: float) -
     from rich.table import Table
 
     t = Table(title=f"every {interval:g}s, by {sort}; tx/rx: the guest's; b/s: bits; cpu: vhost "
-              "workers; q quits, s sorts", title_justify="left", box=box.SIMPLE_HEAD,
+              "workers (NIC rows: whoever moves its packets); q quits, s sorts",
+              title_justify="left", box=box.SIMPLE_HEAD,
               expand=False, pad_edge=False)
     t.add_column(_t("VM [pid] / NIC (path)"), min_width=16, overflow="ellipsis")
     for col in ("tx pps", "rx pps", "tx b/s", "rx b/s", "drop/s", "cpu"):
@@ -166,8 +173,10 @@ def top_table(groups: list[tuple[Any, list[Any]]], sort: str, interval: float) -
         for n in nics:
             label = _t(f"  {n.nic or '?'} ")
             label.append(f"({n.path})", style=_PATH_STYLE.get(n.path or "", ""))
+            mover = (f"{n.cpu_pct:.1f}% {n.mover['by']}" if n.mover and n.cpu_pct is not None
+                     else "")
             t.add_row(label, _si(n.from_guest_pps), _si(n.to_guest_pps), _si(n.from_guest_bps),
-                      _si(n.to_guest_bps), _si(n.drops_ps), "")
+                      _si(n.to_guest_bps), _si(n.drops_ps), mover)
     if not groups:
         t.add_row("(no VM)", "", "", "", "", "", "")
     return t
@@ -198,6 +207,23 @@ def _keys() -> Iterator[Callable[[float], str]]:
         yield read
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def run_top_json(sample: Callable[[str], dict[str, Any]], *, sort: str, interval: float,
+                 iterations: int | None) -> None:
+    """NDJSON: one compact object per sample and line, flushed, so a reader can follow."""
+    import json
+
+    n = 0
+    try:
+        while iterations is None or n < iterations:
+            time.sleep(interval)
+            sys.stdout.write(json.dumps(sample(sort), sort_keys=True, separators=(",", ":"),
+                                        default=str) + "\n")
+            sys.stdout.flush()
+            n += 1
+    except KeyboardInterrupt:
+        return
 
 
 def run_top(sample: Callable[[str], list[tuple[Any, list[Any]]]], sort_keys: tuple[str, ...],

@@ -4,8 +4,13 @@ packets, and which threads do the work.
 Nothing here can attach to another process's vhost fd (every vring ioctl is owner-checked in
 drivers/vhost/vhost.c), so the picture is assembled from what the kernel shows everyone:
 
-- ``/proc/PID/fd/N`` links: ``/dev/vhost-net``, ``/dev/net/tun`` (misc minors 238 and 200);
+- ``/proc/PID/fd/N`` links: ``/dev/vhost-net``, ``/dev/net/tun`` (misc minors 238 and 200),
+  and macvtap/ipvtap queues ``/dev/tapN``: char devices of the dynamic major that
+  ``/proc/devices`` names "macvtap" or "ipvtap" (tap_create_cdev(), drivers/net/tap.c), whose
+  interface is the one ``/sys/class/{macvtap,ipvtap}/tapN/dev`` gives that number to;
 - ``/proc/PID/fdinfo/N`` of a tun fd: ``iff:\\t<name>`` (tun_chr_show_fdinfo, drivers/net/tun.c);
+- the peers of unix sockets (sock_diag UNIX_DIAG_PEER, what ``ss -xp`` shows): a vhost-user
+  NIC's backend is the process that holds the other end of QEMU's socket;
 - ``/proc/PID/cmdline``: the VM name and how each NIC was asked for (see :mod:`qemu_cmdline`);
 - ``/sys/class/net/X/{tun_flags,owner,group,master,mtu,operstate,flags,statistics/*}``;
 - vhost workers named ``vhost-<owner pid>``: kernel threads (PF_KTHREAD, children of kthreadd)
@@ -20,15 +25,20 @@ sysfs roots are parameters so the unit tests run on fake trees.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._uapi import if_tun as T
-from .errors import ValidationError
+from .errors import ValidationError, VhostctlError
+from .hostcheck import expected_worker_model
+from .nldiag import link_mode as netlink_link_mode
+from .nldiag import unix_socket_peers
 from .qemu_cmdline import NetdevSpec, QemuArgs, is_qemu, parse_argv
 
 VHOST_NET_DEV = "/dev/vhost-net"
@@ -47,6 +57,11 @@ PATH_VHOST_NET = "vhost-net"
 PATH_VIRTIO = "virtio"
 PATH_VHOST_USER = "vhost-user"
 
+TAP_CLASSES = ("macvtap", "ipvtap")  # /proc/devices names of the tap.c char devices
+# What a process's view rests on: QEMU's command line besides what the kernel shows everyone.
+VIEW_QEMU = ["cmdline", "procfs", "sysfs"]
+VIEW_OTHER = ["procfs", "sysfs"]
+
 
 # -- parsers (pure; ValueError on malformed input, never anything else) ----------------------
 
@@ -59,6 +74,7 @@ class ProcStat:
     state: str
     ppid: int  # field 4
     flags: int  # field 9
+    num_threads: int  # field 20
     utime: int  # field 14, clock ticks
     stime: int  # field 15
     processor: int  # field 39: the CPU it last ran on
@@ -74,8 +90,9 @@ def parse_stat(text: str) -> ProcStat:
         raise ValueError(f"stat: {len(rest) + 2} fields, expected at least 39")
     try:
         return ProcStat(pid=int(text[:lpar]), comm=text[lpar + 1:rpar], state=rest[0],
-                        ppid=int(rest[1]), flags=int(rest[6]), utime=int(rest[11]),
-                        stime=int(rest[12]), processor=int(rest[36]))
+                        ppid=int(rest[1]), flags=int(rest[6]), num_threads=int(rest[17]),
+                        utime=int(rest[11]), stime=int(rest[12]),
+                        processor=int(rest[36]))
     except ValueError:
         raise ValueError("stat: a numeric field is not a number") from None
 
@@ -111,6 +128,18 @@ def parse_status_ids(text: str) -> tuple[int | None, int | None]:
     return uid, tgid
 
 
+def parse_char_devices(text: str) -> dict[str, int]:
+    """``/proc/devices``: name -> major of the character devices (the first section)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("Block devices"):
+            break
+        major, _, name = line.strip().partition(" ")
+        if major.isdigit() and name:
+            out[name.strip()] = int(major)
+    return out
+
+
 def parse_unix_listeners(text: str) -> dict[str, list[int]]:
     """``/proc/net/unix``: path -> inodes of sockets bound there (listening or not)."""
     out: dict[str, list[int]] = {}
@@ -135,6 +164,7 @@ class Worker:
     stime: int
     last_cpu: int
     clk_tck: int = 100
+    tgid: int | None = None  # the process a "task" worker is a thread of (None: a kthread)
 
     @property
     def cpu_seconds(self) -> float:
@@ -149,10 +179,17 @@ class Worker:
 
 @dataclass
 class TapLink:
-    """A tap as sysfs shows it; ``visible`` is False when it lives in another netns."""
+    """A tap as sysfs shows it; ``visible`` is False when it lives in another netns.
+
+    ``kind`` is "tun", "macvtap" or "ipvtap"; a macvtap/ipvtap also has its ``lower`` device
+    (sysfs ``lower_*``) and its ``mode`` (rtnetlink IFLA_MACVLAN_MODE / IFLA_IPVLAN_MODE).
+    """
 
     name: str
     visible: bool = False
+    kind: str = "tun"
+    lower: str | None = None
+    mode: str | None = None
     tun_flags: int | None = None
     flags: list[str] = field(default_factory=list)
     owner: int | None = None
@@ -199,11 +236,40 @@ class Nic:
     link: TapLink | None = None
     warnings: list[str] = field(default_factory=list)
     qmp: dict[str, Any] | None = None
+    # How the vhost fds were given to this tap: "cmdline" (vhostfds= named them) or
+    # "fd order" (each goes to the tap fd just below it); None without vhost fds.
+    pairing: str | None = None
+    # One per queue pair: its tap fd, vhost fd and worker thread (paired by creation order).
+    queue_pairs: list[dict[str, int | None]] = field(default_factory=list)
+    backend: Backend | None = None  # vhost-user: the process at the other end of the socket
+
+    @property
+    def tap_kind(self) -> str | None:
+        return (self.link.kind if self.link else "tun") if self.tap else None
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["link"] = self.link.as_dict() if self.link else None
+        d["backend"] = self.backend.as_dict() if self.backend else None
+        d["tap_kind"] = self.tap_kind
         return d
+
+
+@dataclass
+class Backend:
+    """A vhost-user backend: the process holding the peer of the VMM's unix socket."""
+
+    pid: int
+    comm: str
+    argv: list[str]
+    socket: str | None  # the path either end is bound to
+    inode: int  # the backend's end
+    peer_inode: int  # the VMM's end
+    utime: int = 0  # the whole process, clock ticks
+    stime: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -214,6 +280,7 @@ class VmProcess:
     comm: str
     argv: list[str]
     kind: str  # "qemu" | "other"
+    view: list[str] = field(default_factory=lambda: list(VIEW_OTHER))
     name: str | None = None
     uid: int | None = None
     accel: str | None = None
@@ -221,10 +288,14 @@ class VmProcess:
     workers: list[Worker] = field(default_factory=list)
     vhost_fds: list[int] = field(default_factory=list)
     tun_fds: dict[int, str | None] = field(default_factory=dict)
+    macvtap_fds: dict[int, str | None] = field(default_factory=dict)  # and ipvtap
     unassigned_vhost_fds: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     qmp: dict[str, Any] | None = None
     socket_inodes: set[int] = field(default_factory=set, repr=False)
+    clk_tck: int = field(default=100, repr=False)
+    utime: int = 0  # every thread of the process (vhost tasks included), clock ticks
+    stime: int = 0
 
     @property
     def label(self) -> str:
@@ -233,11 +304,14 @@ class VmProcess:
     def as_dict(self) -> dict[str, Any]:
         return {
             "pid": self.pid, "comm": self.comm, "argv": self.argv, "kind": self.kind,
+            "view": self.view,
             "name": self.name, "uid": self.uid, "accel": self.accel,
             "nics": [n.as_dict() for n in self.nics],
             "workers": [w.as_dict() for w in self.workers],
             "vhost_fds": self.vhost_fds,
             "tun_fds": {str(k): v for k, v in sorted(self.tun_fds.items())},
+            "macvtap_fds": {str(k): v for k, v in sorted(self.macvtap_fds.items())},
+            "cpu_seconds": round((self.utime + self.stime) / self.clk_tck, 3),
             "unassigned_vhost_fds": self.unassigned_vhost_fds,
             "warnings": self.warnings, "qmp": self.qmp,
         }
@@ -263,20 +337,13 @@ class Survey:
         }
 
 
-def expected_worker_model(release: str | None) -> str | None:
-    """Linux 6.4 moved vhost workers from kthreads into the owner (commit 6e890c5d5021)."""
-    m = re.match(r"(\d+)\.(\d+)", release or "")
-    if not m:
-        return None
-    return "task" if (int(m[1]), int(m[2])) >= (6, 4) else "kthread"
-
-
 # -- the scan --------------------------------------------------------------------------------
 
 @dataclass
 class _Fds:
     vhost: list[int] = field(default_factory=list)
     tun: dict[int, str | None] = field(default_factory=dict)
+    mvtap: dict[int, str | None] = field(default_factory=dict)
     kvm: bool = False
     sockets: set[int] = field(default_factory=set)
 
@@ -284,11 +351,18 @@ class _Fds:
 class Scanner:
     """One pass over procfs and sysfs.  ``proc``/``sys`` are the roots (fake trees in tests)."""
 
-    def __init__(self, proc: str = "/proc", sys: str = "/sys", clk_tck: int | None = None) -> None:
+    def __init__(self, proc: str = "/proc", sys: str = "/sys", clk_tck: int | None = None, *,
+                 unix_peers: Callable[[], dict[int, tuple[str | None, int]]] | None = None,
+                 link_mode: Callable[[int], str | None] | None = None) -> None:
         self.proc = proc.rstrip("/") or "/"
         self.sys = sys.rstrip("/") or "/"
         self.clk_tck = clk_tck or os.sysconf("SC_CLK_TCK")
+        self.unix_peers = unix_peers or unix_socket_peers
+        self.link_mode = link_mode or netlink_link_mode
         self.skipped: list[str] = []
+        self._tap_majors: dict[int, str] = {}
+        self._tap_devs: dict[tuple[int, int], str] | None = None
+        self._socket_owners: dict[int, list[int]] = {}
 
     # -- tolerant reads: a vanished pid/fd is normal, it is recorded and skipped -------------
     def _skip(self, what: str, err: BaseException) -> None:
@@ -335,19 +409,44 @@ class Scanner:
                       stime=st.stime, last_cpu=st.processor, clk_tck=self.clk_tck)
 
     # -- fds ----------------------------------------------------------------------------------
-    def _classify(self, link_path: str, target: str) -> str | None:
+    def _classify(self, link_path: str, target: str) -> tuple[str | None, int]:
+        """("vhost" | "tun" | "macvtap" | "ipvtap" | None, st_rdev) of one fd."""
         if target == VHOST_NET_DEV:
-            return "vhost"
+            return "vhost", 0
         if target == TUN_DEV:
-            return "tun"
-        if target.startswith("/dev/"):  # a renamed node: trust the device number
+            return "tun", 0
+        if target.startswith("/dev/"):  # a renamed node, or /dev/tapN: trust the number
             try:
                 st = os.stat(link_path)
             except OSError:
-                return None
-            if os.major(st.st_rdev) == MISC_MAJOR:
-                return {VHOST_NET_MINOR: "vhost", TUN_MINOR: "tun"}.get(os.minor(st.st_rdev))
-        return None
+                return None, 0
+            if not stat.S_ISCHR(st.st_mode):
+                return None, 0
+            major = os.major(st.st_rdev)
+            if major == MISC_MAJOR:
+                return ({VHOST_NET_MINOR: "vhost", TUN_MINOR: "tun"}.get(os.minor(st.st_rdev)),
+                        0)
+            return self._tap_majors.get(major), st.st_rdev
+        return None, 0
+
+    def _tap_dev_name(self, rdev: int) -> str | None:
+        """The macvtap/ipvtap interface whose queue device is ``rdev`` (sysfs class dirs:
+        tapN/dev holds "major:minor", tapN/device links to the interface)."""
+        if self._tap_devs is None:
+            self._tap_devs = {}
+            for cls in TAP_CLASSES:
+                base = f"{self.sys}/class/{cls}"
+                if not os.path.isdir(base):
+                    continue
+                for entry in self._listdir(base) or ():
+                    text = self._read(f"{base}/{entry}/dev") or ""
+                    major, _, minor = text.strip().partition(":")
+                    try:
+                        dev = os.readlink(f"{base}/{entry}/device")
+                        self._tap_devs[(int(major), int(minor))] = os.path.basename(dev)
+                    except (OSError, ValueError) as e:
+                        self._skip(f"{base}/{entry}", e)
+        return self._tap_devs.get((os.major(rdev), os.minor(rdev)))
 
     def _fds(self, pid: int) -> _Fds | None:
         base = f"{self.proc}/{pid}"
@@ -367,13 +466,16 @@ class Scanner:
                 inode = target[8:-1]
                 if inode.isdigit():
                     out.sockets.add(int(inode))
+                    self._socket_owners.setdefault(int(inode), []).append(pid)
                 continue
             if target == KVM_VM_LINK:
                 out.kvm = True
                 continue
-            kind = self._classify(f"{base}/fd/{name}", target)
+            kind, rdev = self._classify(f"{base}/fd/{name}", target)
             if kind == "vhost":
                 out.vhost.append(fd)
+            elif kind in TAP_CLASSES:
+                out.mvtap[fd] = self._tap_dev_name(rdev)
             elif kind == "tun":
                 info = self._read(f"{base}/fdinfo/{name}")
                 if info is None:
@@ -392,6 +494,16 @@ class Scanner:
         if not os.path.isdir(base):
             return link
         link.visible = True
+        for cls in TAP_CLASSES:
+            if os.path.isdir(f"{base}/{cls}"):
+                link.kind = cls
+                lower = [e for e in self._listdir(base) or () if e.startswith("lower_")]
+                link.lower = lower[0].removeprefix("lower_") if len(lower) == 1 else None
+                ifindex = (self._read(f"{base}/ifindex") or "").strip()
+                try:
+                    link.mode = self.link_mode(int(ifindex)) if ifindex.isdigit() else None
+                except (OSError, ValueError) as e:
+                    self._skip(f"mode of {name}", e)
 
         def num(attr: str, base10: bool = True) -> int | None:
             text = self._read(f"{base}/{attr}")
@@ -438,9 +550,13 @@ class Scanner:
         qemu = is_qemu(st.comm, argv)
         args = parse_argv(argv) if qemu else QemuArgs()
         proc = VmProcess(pid=pid, comm=st.comm, argv=argv, kind="qemu" if qemu else "other",
+                         view=list(VIEW_QEMU if qemu else VIEW_OTHER),
                          name=args.name, uid=uid, accel="kvm" if fds.kvm else None,
-                         vhost_fds=fds.vhost, tun_fds=fds.tun, socket_inodes=fds.sockets)
-        proc.nics, proc.unassigned_vhost_fds = build_nics(args, fds.tun, fds.vhost)
+                         vhost_fds=fds.vhost, tun_fds=fds.tun, macvtap_fds=fds.mvtap,
+                         socket_inodes=fds.sockets, clk_tck=self.clk_tck, utime=st.utime,
+                         stime=st.stime)
+        proc.nics, proc.unassigned_vhost_fds = build_nics(args, {**fds.tun, **fds.mvtap},
+                                                          fds.vhost)
         for nic in proc.nics:
             if nic.tap:
                 nic.link = self.tap_link(nic.tap)
@@ -455,8 +571,45 @@ class Scanner:
             st = self._stat(f"{self.proc}/{pid}/task/{tid}/stat")
             w = st and self._worker(st, "task")
             if w:
+                w.tgid = pid
                 out.append(w)
         return out
+
+    def _backends(self, procs: list[VmProcess]) -> None:
+        """Name each vhost-user NIC's backend: the holder of the peer of one of the VMM's unix
+        sockets bound to (or connected to) the NIC's socket path."""
+        wanted = [(p, n) for p in procs for n in p.nics if n.path == PATH_VHOST_USER]
+        if not wanted:
+            return
+        try:
+            table = self.unix_peers()
+        except OSError as e:
+            for p, _ in wanted:
+                p.warnings.append(f"vhost-user backend not named: the unix socket peer table "
+                                  f"(sock_diag) is not readable: {e.strerror or e} (modprobe "
+                                  "unix_diag)")
+            return
+        for p, nic in wanted:
+            for ino in sorted(p.socket_inodes):
+                name, peer = table.get(ino, (None, 0))
+                peer_name = table.get(peer, (None, 0))[0]
+                path = name or peer_name
+                if not peer or (nic.socket and path != nic.socket):
+                    continue
+                owners = [o for o in self._socket_owners.get(peer, ()) if o != p.pid]
+                st = self._stat(f"{self.proc}/{owners[0]}/stat") if owners else None
+                raw = self._read_bytes(f"{self.proc}/{owners[0]}/cmdline") if owners else None
+                if st is None:
+                    continue
+                nic.backend = Backend(pid=st.pid, comm=st.comm, argv=parse_cmdline(raw or b""),
+                                      socket=path, inode=peer, peer_inode=ino,
+                                      utime=st.utime, stime=st.stime)
+                nic.socket = nic.socket or path
+                break
+            else:
+                nic.warnings.append("no process holds the other end of this vhost-user "
+                                    "socket (backend not connected, or in another network "
+                                    "namespace)")
 
     def _tgid(self, tid: int) -> int | None:
         """The process a thread id belongs to (a kthread worker names its owner *thread*)."""
@@ -467,8 +620,14 @@ class Scanner:
         """Every QEMU and every process holding vhost-net/tun fds (or those named by pid, VM
         name or comm)."""
         self.skipped = []
+        self._tap_devs = None
+        self._socket_owners = {}
         release = (self._read(f"{self.proc}/sys/kernel/osrelease") or "").strip() or None
+        self._tap_majors = {major: name for name, major in
+                            parse_char_devices(self._read(f"{self.proc}/devices") or "").items()
+                            if name in TAP_CLASSES}
         kthreads: list[Worker] = []
+        strays: list[Worker] = []
         procs: list[VmProcess] = []
         for pid in self.pids():
             st = self._stat(f"{self.proc}/{pid}/stat")
@@ -481,22 +640,31 @@ class Scanner:
                 continue
             fds = self._fds(pid)
             # Every QEMU is shown (a vhost-user-only VM holds neither kind of fd); other
-            # processes only when they hold vhost-net or tun fds.
-            if fds is None or not (fds.vhost or fds.tun or is_qemu(st.comm, [])):
+            # processes only when they hold vhost-net, tun or macvtap/ipvtap fds.
+            if fds is None or not (fds.vhost or fds.tun or fds.mvtap or is_qemu(st.comm, [])):
+                if fds is not None and st.num_threads > 1:
+                    # A vhost task of a process that no longer holds its vhost fd (passed on
+                    # and closed) still runs in that process: never drop it.
+                    strays.extend(self._task_workers(pid))
                 continue
             proc = self._process(pid, st, fds)
             if proc is not None and os.path.isdir(f"{self.proc}/{pid}"):
                 procs.append(proc)
         by_pid = {p.pid: p for p in procs}
-        unmatched: list[Worker] = []
+        unmatched = strays
         for w in kthreads:
             owner = by_pid.get(w.owner) or by_pid.get(self._tgid(w.owner) or -1)
             (owner.workers if owner else unmatched).append(w)
+        unmatched.sort(key=lambda w: w.tid)
         for p in procs:
             p.workers.sort(key=lambda w: w.tid)
+            pair_queues(p)
             p.warnings.extend(process_warnings(p))
+        self._backends(procs)
         seen = {w.model for p in procs for w in p.workers} | {w.model for w in unmatched}
-        model = seen.pop() if len(seen) == 1 else expected_worker_model(release)
+        fork = self._read(f"{self.sys}/module/vhost/parameters/fork_from_owner_default")
+        model = (seen.pop() if len(seen) == 1
+                 else expected_worker_model(release, fork.strip() if fork else None))
         wanted = set(select)
         if wanted:
             procs = [p for p in procs if {str(p.pid), p.name, p.comm} & wanted]
@@ -560,7 +728,8 @@ def build_nics(args: QemuArgs, tun: dict[int, str | None],
         nics.append(Nic(path=PATH_VIRTIO, id=spec.id if spec else None, tap=name,
                         queues=len(fds), tap_fds=fds, vhost_fds=claimed,
                         vhost_requested=spec.vhost_requested if spec else None,
-                        device=dev.driver if dev else None))
+                        device=dev.driver if dev else None,
+                        pairing="cmdline" if claimed else None))
     explicit = {n.tap for n in nics if n.vhost_fds}
     owner_of = {fd: n for n in nics if n.tap not in explicit for fd in n.tap_fds}
     unassigned = []
@@ -568,6 +737,7 @@ def build_nics(args: QemuArgs, tun: dict[int, str | None],
         below = [fd for fd in owner_of if fd < v]
         if below:
             owner_of[max(below)].vhost_fds.append(v)
+            owner_of[max(below)].pairing = "fd order"
         else:
             unassigned.append(v)
     for s in args.netdevs:
@@ -583,6 +753,24 @@ def build_nics(args: QemuArgs, tun: dict[int, str | None],
         if n.tap_fds and n.vhost_fds:
             n.path = PATH_VHOST_NET
     return nics, unassigned
+
+
+def pair_queues(proc: VmProcess) -> None:
+    """One entry per queue pair of each NIC: its tap fd, its vhost fd and that fd's worker.
+
+    A vhost fd shows nothing of its worker, but each VHOST_SET_OWNER creates one, and QEMU
+    and vhostctl open and own their vhost fds in fd order (net_init_tap_one()), so when the
+    counts agree the n-th worker by thread id is the n-th vhost fd's.
+    """
+    workers = ({v: w.tid for v, w in zip(sorted(proc.vhost_fds), proc.workers, strict=True)}
+               if len(proc.workers) == len(proc.vhost_fds) else {})
+    for nic in proc.nics:
+        pairs = []
+        for i, t in enumerate(nic.tap_fds):
+            v = nic.vhost_fds[i] if i < len(nic.vhost_fds) else None
+            pairs.append({"tap_fd": t, "vhost_fd": v,
+                          "worker_tid": workers.get(v) if v is not None else None})
+        nic.queue_pairs = pairs
 
 
 def nic_warnings(nic: Nic) -> list[str]:
@@ -637,7 +825,14 @@ def inspect(select: Iterable[str] = (), *, qmp_path: str | None = None,
     """Scan this host (or fake trees) for VMs and their datapaths; with ``qmp_path`` add what
     that QEMU says about itself."""
     scanner = Scanner(proc, sys)
-    result = scanner.scan(select)
+    wanted = list(select)
+    result = scanner.scan(wanted)
+    if wanted and not result.processes:
+        # As `ps -p`: a selection that matches nothing is a failure, said on stderr.
+        raise VhostctlError("inspect", errno.ESRCH, f"no process matches {' '.join(wanted)}",
+                            hint="give the pid, VM name or command name of a QEMU or of a "
+                            "process holding /dev/vhost-net, a tap or a macvtap queue; "
+                            "plain `vhostctl inspect` lists them")
     if qmp_path:
         from .qmp import QmpClient
 
@@ -652,7 +847,14 @@ def inspect(select: Iterable[str] = (), *, qmp_path: str | None = None,
 
 @dataclass
 class TopRow:
-    """One line of ``vhostctl top``: a VM (totals, worker CPU) or one of its NICs."""
+    """One line of ``vhostctl top``: a VM (totals, worker CPU) or one of its NICs.
+
+    ``mover`` says whose CPU moves a NIC's packets: the vhost workers of its queue pairs
+    (vhost-net), the VMM's own threads (virtio: QEMU reads and writes the tap itself) or the
+    vhost-user backend process.  ``queues`` has one entry per queue pair with its worker's
+    CPU; per-queue packet rates stay None, since tun and macvtap keep no per-queue counters
+    visible outside the kernel (only per-device ones in sysfs).
+    """
 
     level: str  # "vm" | "nic"
     pid: int
@@ -664,8 +866,15 @@ class TopRow:
     from_guest_bps: float | None = None
     to_guest_bps: float | None = None
     drops_ps: float | None = None
-    cpu_pct: float | None = None  # vhost workers, VM rows only
+    cpu_pct: float | None = None  # vhost workers (VM rows), the mover (NIC rows)
     workers: int = 0
+    kind: str | None = None  # VM rows: "qemu" | "other"
+    process_cpu_pct: float | None = None  # VM rows: every thread of the process
+    worker_cpu: list[dict[str, Any]] = field(default_factory=list)  # VM rows, per worker
+    tap: str | None = None  # NIC rows
+    tap_kind: str | None = None
+    mover: dict[str, Any] | None = None
+    queues: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def pps(self) -> float:
@@ -674,6 +883,25 @@ class TopRow:
     @property
     def bps(self) -> float:
         return (self.from_guest_bps or 0) + (self.to_guest_bps or 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        del d["level"]
+        if self.level == "vm":
+            for k in ("nic", "path", "tap", "tap_kind", "mover", "queues"):
+                del d[k]
+        else:
+            for k in ("pid", "vm", "workers", "kind", "process_cpu_pct", "worker_cpu"):
+                del d[k]
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def top_sample(groups: list[tuple[TopRow, list[TopRow]]], *, interval: float, sort: str,
+               when: float) -> dict[str, Any]:
+    """One ``top --json`` sample: every process with its NICs (one JSON line each)."""
+    return {"time": round(when, 3), "interval": round(interval, 3), "sort": sort,
+            "processes": [dict(vm.as_dict(), nics=[n.as_dict() for n in nics])
+                          for vm, nics in groups]}
 
 
 SORT_KEYS = ("pps", "bps", "drops", "cpu", "name")
@@ -688,6 +916,10 @@ def _nic_key(nic: Nic) -> str:
     return nic.tap or nic.id or nic.path
 
 
+def _pct(ticks: int, clk_tck: int, dt: float) -> float:
+    return 100.0 * ticks / clk_tck / dt
+
+
 def top_rows(prev: Survey, cur: Survey, dt: float) -> list[tuple[TopRow, list[TopRow]]]:
     """Per VM and per NIC rates over ``dt`` seconds between two scans."""
     dt = dt if dt > 0 else 1e-9
@@ -697,13 +929,22 @@ def top_rows(prev: Survey, cur: Survey, dt: float) -> list[tuple[TopRow, list[To
         old = before.get(p.pid)
         old_nics = {_nic_key(n): n for n in old.nics} if old else {}
         old_cpu = {w.tid: w.utime + w.stime for w in old.workers} if old else {}
-        ticks = sum(max(0, w.utime + w.stime - old_cpu.get(w.tid, w.utime + w.stime))
-                    for w in p.workers)
-        vm = TopRow("vm", p.pid, p.label, cpu_pct=100.0 * ticks / cur.clk_tck / dt,
-                    workers=len(p.workers))
+        per = {w.tid: max(0, w.utime + w.stime - old_cpu.get(w.tid, w.utime + w.stime))
+               for w in p.workers}
+        ticks = sum(per.values())
+        own = max(0, p.utime + p.stime - (old.utime + old.stime)) if old else 0
+        vm = TopRow("vm", p.pid, p.label, cpu_pct=_pct(ticks, cur.clk_tck, dt),
+                    workers=len(p.workers), kind=p.kind,
+                    process_cpu_pct=_pct(own, cur.clk_tck, dt),
+                    worker_cpu=[{"tid": w.tid, "name": w.name,
+                                 "cpu_pct": round(_pct(per[w.tid], cur.clk_tck, dt), 3)}
+                                for w in p.workers])
+        # The VMM's own threads: the process less the vhost tasks that live in it (6.4+).
+        vmm = max(0, own - sum(per[w.tid] for w in p.workers if w.model == "task"))
         nics = []
         for n in p.nics:
-            row = TopRow("nic", p.pid, p.label, nic=n.tap or n.id, path=n.path)
+            row = TopRow("nic", p.pid, p.label, nic=n.tap or n.id, path=n.path, tap=n.tap,
+                         tap_kind=n.tap_kind)
             o = old_nics.get(_nic_key(n))
             if n.link and n.link.stats and o and o.link and o.link.stats:
                 c, b = n.link.stats, o.link.stats
@@ -712,6 +953,12 @@ def top_rows(prev: Survey, cur: Survey, dt: float) -> list[tuple[TopRow, list[To
                 row.from_guest_bps = 8 * _delta(c, b, "rx_bytes") / dt
                 row.to_guest_bps = 8 * _delta(c, b, "tx_bytes") / dt
                 row.drops_ps = (_delta(c, b, "rx_dropped") + _delta(c, b, "tx_dropped")) / dt
+            row.queues = [{"index": i, **q, "from_guest_pps": None, "to_guest_pps": None,
+                           "worker_cpu_pct": (round(_pct(per[q["worker_tid"]], cur.clk_tck,
+                                                         dt), 3)
+                                              if q["worker_tid"] in per else None)}
+                          for i, q in enumerate(n.queue_pairs)]
+            row.mover, row.cpu_pct = _mover(p, n, o, per, vmm, cur.clk_tck, dt)
             nics.append(row)
         counted = [r for r in nics if r.from_guest_pps is not None]
         if counted:
@@ -724,6 +971,28 @@ def top_rows(prev: Survey, cur: Survey, dt: float) -> list[tuple[TopRow, list[To
     return out
 
 
+def _mover(p: VmProcess, n: Nic, old: Nic | None, per: dict[int, int], vmm: int,
+           clk_tck: int, dt: float) -> tuple[dict[str, Any] | None, float | None]:
+    """Whose CPU moves this NIC's packets, and how much of it over the interval."""
+    if n.path == PATH_VHOST_NET:
+        tids = [q["worker_tid"] for q in n.queue_pairs if q["worker_tid"] is not None]
+        if not tids and len(p.nics) == 1:
+            tids = sorted(per)  # one NIC: every worker is its own
+        pct = _pct(sum(per.get(t, 0) for t in tids), clk_tck, dt)
+        return {"by": "vhost workers", "pid": p.pid, "tids": tids,
+                "cpu_pct": round(pct, 3)}, pct
+    if n.path == PATH_VIRTIO:
+        pct = _pct(vmm, clk_tck, dt)
+        return {"by": "vmm threads", "pid": p.pid, "tids": None, "cpu_pct": round(pct, 3)}, pct
+    b = n.backend
+    if b is None:
+        return None, None
+    ob = old.backend if old and old.backend and old.backend.pid == b.pid else None
+    pct = _pct(max(0, b.utime + b.stime - (ob.utime + ob.stime)), clk_tck, dt) if ob else 0.0
+    return {"by": "vhost-user backend", "pid": b.pid, "comm": b.comm, "tids": None,
+            "cpu_pct": round(pct, 3)}, pct
+
+
 class TopSampler:
     """Scans once when made; each call returns the sorted rates since the previous call."""
 
@@ -731,12 +1000,19 @@ class TopSampler:
         self.scanner = scanner or Scanner()
         self.prev = self.scanner.scan()
         self.t = time.monotonic()
+        self.dt = 0.0  # the interval the last call measured over
 
     def __call__(self, sort: str) -> list[tuple[TopRow, list[TopRow]]]:
         cur, now = self.scanner.scan(), time.monotonic()
-        groups = top_rows(self.prev, cur, now - self.t)
+        self.dt = now - self.t
+        groups = top_rows(self.prev, cur, self.dt)
         self.prev, self.t = cur, now
         return sort_rows(groups, sort)
+
+    def sample(self, sort: str) -> dict[str, Any]:
+        """The rates since the previous call as one ``top --json`` object."""
+        groups = self(sort)
+        return top_sample(groups, interval=self.dt, sort=sort, when=time.time())
 
 
 def sort_rows(groups: list[tuple[TopRow, list[TopRow]]],

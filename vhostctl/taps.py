@@ -280,10 +280,23 @@ def _tun_flags(link: Link) -> list[str]:
     return T.IFF_FLAGS.decode(flags)
 
 
+# Links whose queues a VMM opens as a char device (/dev/tapN, drivers/net/tap.c): listed with
+# their kind; they have no tun flags, owner or group.
+VTAP_KINDS = ("macvtap", "ipvtap")
+
+
 def tap_info(link: Link, holders: list[Holder]) -> TapInfo:
     """A :class:`TapInfo` from a netlink link and its holders (no kernel calls but one
     pidfd_getfd per tap for the vnet header size)."""
     t = link.tun
+    if t is None and link.kind in VTAP_KINDS:
+        return TapInfo(
+            name=link.name, ifindex=link.ifindex, type=link.kind, flags=[], persist=None,
+            vnet_hdr=None, multi_queue=None, queues=None, disabled_queues=None,
+            vnet_hdr_sz=None, owner=None, owner_name=None, group=None, group_name=None,
+            mtu=link.mtu, mac=link.mac, up=link.up, operstate=link.operstate,
+            master=link.master, stats={k: link.stats[k] for k in _STATS if k in link.stats},
+            holders=list(holders))
     if t is None:
         raise ValidationError("tap", f"{link.name} is not a tun/tap link (kind {link.kind})")
     warnings = []
@@ -323,11 +336,11 @@ class TapList:
 
 
 def list_taps(nl: Netlink | None = None, *, proc: str = "/proc") -> TapList:
-    """Every tun/tap in this namespace with its holders."""
+    """Every tun/tap, macvtap and ipvtap in this namespace with its holders (tun fds)."""
     own = nl is None
     nl = nl or Netlink()
     try:
-        links = nl.tun_links()
+        links = [x for x in nl.links() if x.kind in ("tun", *VTAP_KINDS)]
     finally:
         if own:
             nl.close()
@@ -346,7 +359,7 @@ def show_tap(name: str, nl: Netlink | None = None, *, proc: str = "/proc") -> Ta
     finally:
         if own:
             nl.close()
-    if not link.is_tun:
+    if not link.is_tun and link.kind not in VTAP_KINDS:
         raise ValidationError("tap show", f"{name} is a {link.kind or 'plain'} link, not "
                               "a tun/tap")
     return tap_info(link, scan_holders(proc).by_name.get(name, []))

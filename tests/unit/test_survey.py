@@ -15,15 +15,16 @@ from hypothesis import strategies as st
 
 from vhostctl import qemu_cmdline as qc
 from vhostctl import survey as sv
-from vhostctl.errors import ValidationError
+from vhostctl.errors import ValidationError, VhostctlError
 
 PF_KTHREAD = 0x00200000
 
 
 def stat_line(pid: int, comm: str, *, ppid: int = 1, flags: int = 0x400000, utime: int = 0,
-              stime: int = 0, cpu: int = 0, state: str = "S") -> str:
+              stime: int = 0, cpu: int = 0, state: str = "S", threads: int = 1) -> str:
     fields = ["0"] * 52
     fields[0], fields[1], fields[2], fields[3] = str(pid), f"({comm})", state, str(ppid)
+    fields[19] = str(threads)
     fields[8], fields[13], fields[14], fields[38] = str(flags), str(utime), str(stime), str(cpu)
     return " ".join(fields) + "\n"
 
@@ -41,9 +42,12 @@ class FakeHost:
         (self.proc / "net/unix").write_text("Num       RefCount Protocol Flags    Type St Inode "
                                            "Path\n")
         self.kthread(2, "kthreadd", ppid=0)
+        self.unix: dict[int, tuple[str | None, int]] = {}  # what sock_diag would answer
+        self.modes: dict[int, str] = {}  # ifindex -> what RTM_GETLINK would answer
 
     def scanner(self) -> sv.Scanner:
-        return sv.Scanner(str(self.proc), str(self.sys), clk_tck=100)
+        return sv.Scanner(str(self.proc), str(self.sys), clk_tck=100,
+                          unix_peers=lambda: self.unix, link_mode=self.modes.get)
 
     def process(self, pid: int, comm: str, argv: list[str], *, fds: dict[int, str] | None = None,
                 tun: dict[int, str | None] | None = None, uid: int = 0,
@@ -52,7 +56,7 @@ class FakeHost:
         (d / "fd").mkdir(parents=True)
         (d / "fdinfo").mkdir()
         (d / "task").mkdir()
-        (d / "stat").write_text(stat_line(pid, comm))
+        (d / "stat").write_text(stat_line(pid, comm, threads=1 + len(threads or {})))
         (d / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
         (d / "status").write_text(f"Name:\t{comm}\nTgid:\t{pid}\nPid:\t{pid}\n"
                                   f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
@@ -321,6 +325,58 @@ def test_vhost_user_from_the_command_line(host):
         ("vhost-user", "n1", "/run/vu0.sock", True, 2, "virtio-net-pci")
 
 
+@pytest.mark.parametrize("qemu_listens", [True, False])
+def test_vhost_user_backend_is_the_socket_peer(host, qemu_listens):
+    server = ",server=on,wait=off" if qemu_listens else ""
+    host.process(310, "qemu-system-x86", [
+        QEMU, "-chardev", f"socket,id=c0,path=/run/vu0.sock{server}",
+        "-netdev", "vhost-user,id=n1,chardev=c0"], fds={7: "socket:[100]", 8: "socket:[101]"})
+    host.process(320, "dpdk-testpmd", ["dpdk-testpmd", "--vdev", "net_vhost0"],
+                 fds={5: "socket:[200]", 6: "socket:[201]"})
+    host.unix = {100: ("/run/q.qmp", 0), 101: ("/run/vu0.sock" if qemu_listens else None, 200),
+                 200: (None if qemu_listens else "/run/vu0.sock", 101),
+                 201: ("/run/vu0.sock", 0)}  # a listener: no peer
+    p = only(host.scanner().scan())
+    (nic,) = p.nics
+    b = nic.backend
+    assert (b.pid, b.comm, b.socket, b.inode, b.peer_inode) == \
+        (320, "dpdk-testpmd", "/run/vu0.sock", 200, 101)
+    assert nic.as_dict()["backend"]["argv"] == ["dpdk-testpmd", "--vdev", "net_vhost0"]
+    assert nic.warnings == []
+
+
+def test_vhost_user_without_a_peer_is_warned(host):
+    host.process(311, "qemu-system-x86", [
+        QEMU, "-chardev", "socket,id=c0,path=/run/vu0.sock,server=on,wait=off",
+        "-netdev", "vhost-user,id=n1,chardev=c0"], fds={7: "socket:[100]"})
+    host.unix = {100: ("/run/vu0.sock", 0)}
+    (nic,) = only(host.scanner().scan()).nics
+    assert nic.backend is None and "no process holds the other end" in nic.warnings[0]
+
+
+def test_vhost_user_without_sock_diag_is_warned(host):
+    host.process(312, "qemu-system-x86", [
+        QEMU, "-chardev", "socket,id=c0,path=/run/vu0.sock",
+        "-netdev", "vhost-user,id=n1,chardev=c0"], fds={7: "socket:[100]"})
+
+    def denied():
+        raise OSError(13, "Permission denied")
+
+    s = host.scanner()
+    s.unix_peers = denied
+    p = only(s.scan())
+    assert p.nics[0].backend is None and "sock_diag" in p.warnings[0]
+
+
+def test_inspect_of_no_such_process_is_an_error(host):
+    host.process(313, "qemu-system-x86", [QEMU])
+    with pytest.raises(VhostctlError) as e:
+        sv.inspect(["999999"], proc=str(host.proc), sys=str(host.sys))
+    assert e.value.code == 1 and "no process matches 999999" in str(e.value)
+    assert [p.pid for p in sv.inspect(["313"], proc=str(host.proc),
+                                      sys=str(host.sys)).processes] == [313]
+
+
 def test_non_qemu_without_fds_is_not_listed(host):
     host.process(309, "bash", ["bash"], fds={3: "/dev/null"})
     assert host.scanner().scan().processes == []
@@ -370,6 +426,100 @@ def test_expected_worker_model():
     assert sv.expected_worker_model("6.4.0") == "task"
     assert sv.expected_worker_model("6.12.117+deb12-amd64") == "task"
     assert sv.expected_worker_model("garbage") is None
+    # 6.17: vhost.fork_from_owner_default=0 brings kthreads back (hostcheck says the same).
+    assert sv.expected_worker_model("6.17.0", "0") == "kthread"
+    assert sv.expected_worker_model("6.17.0", "1") == "task"
+
+
+def test_fork_from_owner_default_decides_when_no_worker_is_seen(tmp_path):
+    host = FakeHost(tmp_path, release="6.17.1")
+    params = host.sys / "module/vhost/parameters"
+    params.mkdir(parents=True)
+    (params / "fork_from_owner_default").write_text("0\n")
+    assert host.scanner().scan().worker_model == "kthread"
+
+
+def test_a_non_qemu_holder_is_labelled_as_procfs_derived(host):
+    host.process(500, "myvmm", ["./myvmm", "--fast"], tun={3: "t0"}, fds={4: VH})
+    host.tap("t0")
+    host.kthread(501, "vhost-500", utime=7)
+    p = only(host.scanner().scan())
+    assert (p.kind, p.view, p.label) == ("other", ["procfs", "sysfs"], "myvmm")
+    (nic,) = p.nics
+    assert (nic.path, nic.tap, nic.pairing, nic.id) == ("vhost-net", "t0", "fd order", None)
+    assert nic.queue_pairs == [{"tap_fd": 3, "vhost_fd": 4, "worker_tid": 501}]
+
+
+def test_unmatched_task_worker_of_an_unlisted_process(tmp_path):
+    host = FakeHost(tmp_path, release="6.12.117+deb12-amd64")
+    # Its fds were passed on and closed: it holds no vhost fd, its worker still runs in it.
+    host.process(600, "launcher", ["launcher"], fds={3: "/dev/null"},
+                 threads={610: ("vhost-600", 40, 10, 1)})
+    host.process(601, "single", ["single"])  # one thread: never listed for tasks
+    r = host.scanner().scan()
+    assert r.processes == []
+    (w,) = r.unmatched_workers
+    assert (w.tid, w.owner, w.tgid, w.model, w.cpu_seconds) == (610, 600, 600, "task", 0.5)
+    assert r.as_dict()["unmatched_workers"][0]["tgid"] == 600
+
+
+def test_worker_pairing_needs_equal_counts(host):
+    host.process(700, "qemu-system-x86", [QEMU], tun={3: "t0", 5: "t0"}, fds={4: VH, 6: VH})
+    host.tap("t0", tun_flags=0x5102)
+    host.kthread(710, "vhost-700")  # one worker for two vhost fds: no pairing guessed
+    (nic,) = only(host.scanner().scan()).nics
+    assert nic.queue_pairs == [{"tap_fd": 3, "vhost_fd": 4, "worker_tid": None},
+                               {"tap_fd": 5, "vhost_fd": 6, "worker_tid": None}]
+
+
+def macvtap(host: FakeHost, name: str, *, kind: str = "macvtap", ifindex: int = 9,
+            lower: str = "eth9", dev: str = "1:3") -> None:
+    """A macvtap/ipvtap in sysfs whose queue device number is ``dev``."""
+    d = host.sys / "class/net" / name
+    (d / kind / f"tap{ifindex}").mkdir(parents=True)
+    (d / "statistics").mkdir()
+    (d / "ifindex").write_text(f"{ifindex}\n")
+    (d / "flags").write_text("0x1003\n")
+    (host.sys / "class/net" / lower).mkdir(exist_ok=True)
+    os.symlink(f"../{lower}", d / f"lower_{lower}")
+    (d / kind / f"tap{ifindex}" / "dev").write_text(dev + "\n")
+    cls = host.sys / "class" / kind
+    cls.mkdir(exist_ok=True)
+    (cls / f"tap{ifindex}").mkdir()
+    (cls / f"tap{ifindex}" / "dev").write_text(dev + "\n")
+    os.symlink(f"../../net/{name}", cls / f"tap{ifindex}" / "device")
+
+
+@pytest.mark.parametrize("kind, mode", [("macvtap", "bridge"), ("ipvtap", "l2")])
+def test_macvtap_and_ipvtap_queue_fds(host, kind, mode):
+    # /dev/null stands in for /dev/tap9: a real char device (1:3), whose major the fake
+    # /proc/devices gives to macvtap/ipvtap.
+    (host.proc / "devices").write_text(f"Character devices:\n  1 {kind}\n 10 misc\n\n"
+                                       "Block devices:\n  1 ramdisk\n")
+    macvtap(host, "mvt0", kind=kind)
+    host.modes[9] = mode
+    host.process(800, "qemu-system-x86", [QEMU, "-netdev", "tap,id=n0,fd=3,vhostfd=4"],
+                 fds={3: "/dev/null", 4: VH})
+    d = host.scanner().scan().as_dict()
+    (p,) = d["processes"]
+    assert p["macvtap_fds"] == {"3": "mvt0"} and p["tun_fds"] == {}
+    (nic,) = p["nics"]
+    assert (nic["id"], nic["path"], nic["tap"], nic["tap_kind"], nic["pairing"]) == \
+        ("n0", "vhost-net", "mvt0", kind, "cmdline")
+    assert (nic["link"]["kind"], nic["link"]["lower"], nic["link"]["mode"]) == \
+        (kind, "eth9", mode)
+
+
+def test_a_char_device_of_another_major_is_not_a_tap(host):
+    (host.proc / "devices").write_text("Character devices:\n238 macvtap\n")
+    host.process(801, "cat", ["cat"], fds={3: "/dev/null"})
+    assert host.scanner().scan().processes == []
+
+
+def test_parse_char_devices():
+    text = "Character devices:\n  1 mem\n238 macvtap\n237 ipvtap\n\nBlock devices:\n  8 sd\n"
+    assert sv.parse_char_devices(text) == {"mem": 1, "macvtap": 238, "ipvtap": 237}
+    assert sv.parse_char_devices("") == {}
 
 
 def test_select_by_pid_name_and_comm(host):
@@ -510,7 +660,13 @@ def test_json_schema_is_stable(host):
                                 "operstate", "up", "stats", "persist", "multi_queue",
                                 "vnet_hdr"}
     assert p["workers"][0] == {"tid": 60, "name": "vhost-50", "model": "kthread", "owner": 50,
-                               "utime": 3, "stime": 0, "last_cpu": 0, "cpu_seconds": 0.03}
+                               "utime": 3, "stime": 0, "last_cpu": 0, "cpu_seconds": 0.03,
+                               "tgid": None}
+    assert p["view"] == ["cmdline", "procfs", "sysfs"] and p["macvtap_fds"] == {}
+    assert (nic["tap_kind"], nic["pairing"], nic["backend"]) == ("tun", "fd order", None)
+    assert nic["queue_pairs"] == [{"tap_fd": 3, "vhost_fd": 4, "worker_tid": 60}]
+    assert (nic["link"]["kind"], nic["link"]["lower"], nic["link"]["mode"]) == \
+        ("tun", None, None)
 
 
 def _set_stats(host, name, **stats):
@@ -614,3 +770,119 @@ def test_cli_top_once_prints_a_table():
 def test_cli_top_bad_sort_exits_2():
     r = run_cli("top", "--once", "--sort", "speed")
     assert r.exit_code == 2 and "--sort" in r.stderr
+
+
+# -- raw netlink answers (vhostctl.nldiag) -----------------------------------------------------
+
+def _nla(atype: int, value: bytes) -> bytes:
+    import struct
+
+    n = 4 + len(value)
+    return struct.pack("=HH", n, atype) + value + b"\0" * ((4 - n % 4) % 4)
+
+
+def _unix_msg(ino: int, name: bytes | None, peer: int | None) -> bytes:
+    import struct
+
+    from vhostctl._uapi import unix_diag as UD
+
+    body = UD.UNIX_DIAG_MSG.pack(1, 1, 1, 0, ino, 0, 0)
+    if name is not None:
+        body += _nla(UD.UNIX_DIAG_NAME, name)
+    if peer is not None:
+        body += _nla(UD.UNIX_DIAG_PEER, struct.pack("=I", peer))
+    return body
+
+
+def test_unix_diag_names_and_peers():
+    from vhostctl import nldiag
+
+    assert nldiag.parse_unix_diag(_unix_msg(7, b"/run/vu.sock", 9)) == (7, "/run/vu.sock", 9)
+    assert nldiag.parse_unix_diag(_unix_msg(8, b"\0abstract", None)) == (8, "@abstract", 0)
+    assert nldiag.parse_unix_diag(_unix_msg(9, None, 7)) == (9, None, 7)
+    with pytest.raises(ValueError):
+        nldiag.parse_unix_diag(b"\0" * 4)
+
+
+def test_netlink_messages_split_and_stop_at_a_short_one():
+    from vhostctl import nldiag
+    from vhostctl._uapi import unix_diag as UD
+
+    a, b = _unix_msg(1, b"/a", 2), _unix_msg(2, None, 1)
+    buf = b"".join(UD.NLMSG_HDR.pack(16 + len(x), 20, 2, 1, 0) + x for x in (a, b))
+    assert [p for _, p in nldiag.iter_messages(buf)] == [a, b]
+    assert list(nldiag.iter_messages(buf[:-3])) == [(20, a)]  # the cut one is dropped
+
+
+@pytest.mark.parametrize("kind, data, mode", [
+    (b"macvtap", (1, 4, "=I"), "bridge"), (b"macvlan", (1, 2, "=I"), "vepa"),
+    (b"ipvtap", (1, 0, "=H"), "l2"), (b"ipvlan", (1, 2, "=H"), "l3s"),
+    (b"macvtap", (1, 64, "=I"), "64"), (b"tun", (1, 1, "=I"), None)])
+def test_link_mode_from_rtm_newlink(kind, data, mode):
+    import struct
+
+    from vhostctl import nldiag
+    from vhostctl._uapi import if_link as L
+
+    atype, value, fmt = data
+    info = _nla(L.IFLA_INFO_KIND, kind + b"\0") + _nla(L.IFLA_INFO_DATA | 0x8000,
+                                                       _nla(atype, struct.pack(fmt, value)))
+    msg = struct.pack(L.IFINFOMSG, 0, 1, 5, 0, 0) + _nla(3, b"mvt0\0") + \
+        _nla(L.IFLA_LINKINFO | 0x8000, info)
+    assert nldiag.parse_link_mode(msg) == mode
+
+
+# -- top: who moves each NIC's packets, and the NDJSON sample -------------------------------------
+
+def test_top_charges_each_path_to_its_mover(tmp_path):
+    host = FakeHost(tmp_path, release="6.12.117+deb12-amd64")
+    host.process(900, "qemu-system-x86", [
+        QEMU, "-name", "three",
+        "-netdev", "tap,id=a,ifname=ta,vhost=on", "-netdev", "tap,id=b,ifname=tb,vhost=off",
+        "-chardev", "socket,id=c0,path=/run/vu.sock", "-netdev", "vhost-user,id=c,chardev=c0"],
+        tun={3: "ta", 5: "tb"}, fds={4: VH, 7: "socket:[100]"},
+        threads={910: ("vhost-900", 0, 0, 0)})
+    host.process(950, "dpdk-testpmd", ["dpdk-testpmd"], fds={3: "socket:[200]"})
+    host.unix = {100: (None, 200), 200: ("/run/vu.sock", 100)}
+    for t in ("ta", "tb"):
+        host.tap(t)
+    s = host.scanner()
+    before = s.scan()
+    (host.proc / "900/stat").write_text(stat_line(900, "qemu-system-x86", utime=300, threads=2))
+    (host.proc / "900/task/910/stat").write_text(stat_line(910, "vhost-900", utime=100))
+    (host.proc / "950/stat").write_text(stat_line(950, "dpdk-testpmd", utime=200))
+    _set_stats(host, "ta", rx_packets=1000)
+    ((vm, nics),) = sv.top_rows(before, s.scan(), 1.0)
+    assert vm.cpu_pct == pytest.approx(100.0) and vm.process_cpu_pct == pytest.approx(300.0)
+    by = {n.nic: n for n in nics}
+    assert by["ta"].mover == {"by": "vhost workers", "pid": 900, "tids": [910],
+                              "cpu_pct": 100.0}
+    assert by["ta"].queues == [{"index": 0, "tap_fd": 3, "vhost_fd": 4, "worker_tid": 910,
+                                "worker_cpu_pct": 100.0, "from_guest_pps": None,
+                                "to_guest_pps": None}]
+    # vhost=off: QEMU's own threads, less the vhost task that lives among them.
+    assert by["tb"].mover == {"by": "vmm threads", "pid": 900, "tids": None, "cpu_pct": 200.0}
+    assert by["c"].mover == {"by": "vhost-user backend", "pid": 950, "comm": "dpdk-testpmd",
+                             "tids": None, "cpu_pct": 200.0}
+    sample = sv.top_sample([(vm, nics)], interval=1.0, sort="pps", when=5.0)
+    line = json.dumps(sample, separators=(",", ":"))
+    assert "\n" not in line
+    (p,) = json.loads(line)["processes"]
+    assert (p["pid"], p["vm"], p["kind"], p["worker_cpu"]) == \
+        (900, "three", "qemu", [{"tid": 910, "name": "vhost-900", "cpu_pct": 100.0}])
+    assert {n["nic"]: n["from_guest_pps"] for n in p["nics"]}["ta"] == 1000.0
+    assert set(p["nics"][0]) == {"nic", "path", "tap", "tap_kind", "from_guest_pps",
+                                 "to_guest_pps", "from_guest_bps", "to_guest_bps", "drops_ps",
+                                 "cpu_pct", "mover", "queues"}
+
+
+def test_cli_top_json_is_one_object_per_line():
+    from typer.testing import CliRunner
+
+    from vhostctl.cli import app, commands  # noqa: F401
+
+    r = CliRunner().invoke(app, ["top", "--json", "--iterations", "2", "--interval", "0.1"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2
+    assert all(set(json.loads(x)) == {"time", "interval", "sort", "processes"} for x in lines)

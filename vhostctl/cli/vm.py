@@ -146,11 +146,22 @@ def top(
                     ] = False,
     iterations: Annotated[int | None, typer.Option("--iterations", min=1, help="This many "
                                                    "samples, printed, then exit.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object per sample, one per "
+                                        "line (NDJSON), until --iterations or Ctrl-C.")
+                     ] = False,
 ) -> None:
-    """Live packets/s, bits/s, drops per VM and NIC, and vhost worker CPU; q or Ctrl-C quits."""
-    from ..render_vm import run_top
+    """Live packets/s, bits/s, drops per VM and NIC, and vhost worker CPU; q or Ctrl-C quits.
+
+    Every process inspect lists is shown, QEMU or not; each NIC's CPU is that of whoever
+    moves its packets: the vhost workers, the VMM's own threads, or the vhost-user backend.
+    """
+    from ..render_vm import run_top, run_top_json
     from ..survey import SORT_KEYS, TopSampler, sort_rows
 
     sort_rows([], sort)  # validate --sort before the first scan
+    if json_:
+        run_top_json(TopSampler().sample, sort=sort, interval=interval,
+                     iterations=1 if once else iterations)
+        return
     run_top(TopSampler(), SORT_KEYS, sort=sort, interval=interval,
             iterations=1 if once else iterations)
