@@ -36,6 +36,8 @@ BACKENDS = {PATH_VHOST_NET: "vhost-net", PATH_VIRTIO: "userspace",
             PATH_VHOST_USER: "vhost-user"}
 # Guest perspective: what the guest receives is what the tap transmits (S-TS).
 TRAFFIC = (("receive", "tx"), ("transmit", "rx"))
+# Checks about vhostctl's own process, not the host: an exporter needs no CAP_NET_ADMIN.
+SELF_CHECKS = {"CAP_NET_ADMIN"}
 COUNTERS = (("bytes", "bytes", "Bytes"), ("packets", "packets", "Packets"),
             ("drops", "dropped", "Packets dropped"), ("errors", "errors", "Errors"))
 
@@ -108,6 +110,9 @@ def families(survey: Survey, report: HostReport | None, *,
     workers = F("vhostctl_vhost_workers", "vhost worker threads of each process.")
     checks = F("vhostctl_host_check", "1 when the `vhostctl check` check passes, 0 when it "
                "fails (`vhostctl check` says why and how to fix it).")
+    params = F("vhostctl_vhost_module_parameter", "vhost and vhost_net module parameters "
+               "(max_mem_regions, max_iotlb_entries, experimental_zcopytx, "
+               "fork_from_owner_default as 1/0).")
     host = F("vhostctl_host", "The kernel and where it puts vhost workers (kthread "
              "before 6.4, task since), value 1.", "info")
     procs = F("vhostctl_processes", "Processes holding vhost-net, tun or macvtap fds, and "
@@ -122,8 +127,13 @@ def families(survey: Survey, report: HostReport | None, *,
     if scrape_seconds is not None:
         took.add({}, scrape_seconds)
     for c in report.checks if report else ():
-        if c.ok is not None:
+        if c.ok is not None and c.name not in SELF_CHECKS:
             checks.add({"check": check_label(c.name)}, 1 if c.ok else 0)
+        elif c.name == "module parameters":
+            for param, text in sorted(c.data.items()):
+                value = {"Y": 1, "N": 0}.get(text.upper(), text)
+                if isinstance(value, int) or text.isdigit():
+                    params.add({"parameter": param}, int(value))
     tck = survey.clk_tck
     stray = {"user": 0, "system": 0}
     for p in survey.processes:
@@ -174,7 +184,8 @@ def families(survey: Survey, report: HostReport | None, *,
     for mode, ticks in stray.items():
         loose.add({"mode": mode}, ticks / tck)
     return [f.metric for f in (info, requested, active, enabled, disabled, *traffic.values(),
-                               cpu, wait, loose, workers, checks, host, procs, skipped, took)]
+                               cpu, wait, loose, workers, checks, params, host, procs,
+                               skipped, took)]
 
 
 class VhostCollector:

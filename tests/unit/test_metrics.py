@@ -179,13 +179,20 @@ def test_workers_matched_to_no_queue_are_counted_apart(host):
     assert one(s, loose, mode="system") == pytest.approx(0.7)
 
 
-def test_host_checks_become_pass_fail_gauges_and_information_is_left_out(host):
+def test_host_checks_become_pass_fail_gauges_and_module_parameters_numbers(host):
     report = HostReport((Check("vhost-net device", True, "ok"),
                          Check("vhost_net module", False, "absent", "modprobe vhost_net"),
+                         Check("CAP_NET_ADMIN", False, "missing"),  # the exporter's own
+                         Check("module parameters", None, "...",
+                               data={"max_mem_regions": "64", "fork_from_owner_default": "Y",
+                                     "experimental_zcopytx": "0", "odd": "x"}),
                          Check("/dev/kvm", None, "absent")))
     s = scrape(host, report)
     assert sorted((lab["check"], v) for lab, v in s["vhostctl_host_check"]) == \
         [("vhost_net_device", 1), ("vhost_net_module", 0)]
+    assert sorted((lab["parameter"], v) for lab, v in
+                  s["vhostctl_vhost_module_parameter"]) == \
+        [("experimental_zcopytx", 0), ("fork_from_owner_default", 1), ("max_mem_regions", 64)]
 
 
 def test_a_process_that_vanishes_mid_scan_never_fails_the_scrape(host, monkeypatch):
