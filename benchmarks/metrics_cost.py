@@ -26,8 +26,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from vhostctl import metrics
 from vhostctl.tun import Tap
 
-SLEEP = "import time; time.sleep(3600)"
-
 
 def start_holders(vms: int, nics: int, prefix: str) -> list[subprocess.Popen]:
     vhost = os.path.exists("/dev/vhost-net")
@@ -44,9 +42,13 @@ def start_holders(vms: int, nics: int, prefix: str) -> list[subprocess.Popen]:
             vh = f",vhostfd={vfd}" if vfd is not None else ""
             args += ["-netdev", f"tap,id=n{n},fd={tap.fileno()}{vh},vhost=on",
                      "-device", f"virtio-net-pci,netdev=n{n},mac=52:54:00:00:{v:02x}:{n:02x}"]
+        # bash (not dash: it moves fds 3-9 up) waits for a sleep that does not get the fds;
+        # the arguments after its command are QEMU's.
+        closed = " ".join(f"{fd}<&-" for fd in fds)
         procs.append(subprocess.Popen(
-            ["bash", "-c", f'exec -a qemu-system-x86_64 {sys.executable} -c "{SLEEP}" "$@"',
-             "bash", "-name", f"guest=vm{v}", *args], pass_fds=fds, stdin=subprocess.DEVNULL))
+            ["bash", "-c", f"exec -a qemu-system-x86_64 bash -c 'sleep 3600 {closed}; "
+             "exit 0' \"$@\"", "bash", "-name", f"guest=vm{v}", *args], pass_fds=fds,
+            stdin=subprocess.DEVNULL))
         for t in taps:
             t.close()
         for fd in vfds:
