@@ -248,12 +248,11 @@ def write_textfile(path: str, data: bytes) -> None:
                               hint="give node_exporter's --collector.textfile.directory")
     tmp = os.path.join(d, f".{base}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(tmp, "xb") as f:  # O_EXCL, and Python's open() is O_CLOEXEC
+            os.fchmod(f.fileno(), 0o644)  # node_exporter may run as another user
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
