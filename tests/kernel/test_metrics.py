@@ -12,14 +12,12 @@
   instead of falling back to userspace when it cannot open /dev/vhost-net, so "requested,
   not active" is a process with QEMU's command line (vhost=on) holding the tap's queue fds
   and no vhost-net fd: exactly what the survey sees of a QEMU that fell back.
-- Churn: processes that open vhost-net and tap queues and exit while scrapes run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -432,64 +430,3 @@ def test_vhost_requested_but_no_vhost_fd_shows_requested_1_active_0(exporter, if
     finally:
         stop(child)
         ip("link", "del", ifname)
-
-
-# -- churn ------------------------------------------------------------------------------------
-
-def _churn(tap: str, stop_at: float) -> None:
-    """Forked: keep starting children that open /dev/vhost-net (with a worker) and a queue
-    of ``tap``, live 0-40 ms, and exit, until ``stop_at``."""
-    from vhostctl.tun import Tap
-    from vhostctl.vhost import VhostNet
-
-    rnd = random.Random(19)
-    kids: list[int] = []
-    while time.monotonic() < stop_at:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                dev = VhostNet()
-                dev.set_owner()
-                q = Tap.open(tap, multi_queue=True)
-                time.sleep(rnd.random() * 0.04)
-                q.close()
-                dev.close()
-            finally:
-                os._exit(0)
-        kids.append(pid)
-        while len(kids) > 8:
-            os.waitpid(kids.pop(0), 0)
-        time.sleep(0.005)
-    for k in kids:
-        os.waitpid(k, 0)
-
-
-def test_processes_exiting_mid_scrape_never_fail_a_scrape(exporter, ifname):
-    ip("tuntap", "add", "dev", ifname, "mode", "tap", "multi_queue", "vnet_hdr")
-    duration = 60.0
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            _churn(ifname, time.monotonic() + duration)
-        except BaseException:
-            code = 1
-        os._exit(code)
-    scrapes, saw, skipped = 0, 0, 0
-    try:
-        deadline = time.monotonic() + duration - 5
-        while time.monotonic() < deadline:
-            text = exporter.scrape()  # a failed scrape raises (HTTP 500) here
-            s = parse(text)
-            scrapes += 1
-            saw += bool(pick(s, "vhostctl_nic_info", target_device=ifname))
-            skipped += int(pick(s, "vhostctl_scrape_skipped_reads")[0][1])
-            if scrapes % 10 == 1:
-                promtool_check(text)
-    finally:
-        _, status = os.waitpid(pid, 0)
-        ip("link", "del", ifname)
-    assert os.waitstatus_to_exitcode(status) == 0, "the churn process failed"
-    assert scrapes >= 5
-    assert saw >= 1, f"no scrape of {scrapes} caught a churning holder of {ifname}"
-    record(test="churn", scrapes=scrapes, caught=saw, skipped_reads=skipped)
