@@ -1,6 +1,7 @@
-"""Two raw netlink questions the survey asks on every scan, without pyroute2's import cost:
-the peer of every unix socket (sock_diag, what ``ss -x`` shows) and the mode of one
-macvtap/ipvtap link (RTM_GETLINK).  Parsers are pure functions over bytes."""
+"""Raw netlink questions the survey asks on every scan, without pyroute2's import cost:
+the peer of every unix socket (sock_diag, what ``ss -x`` shows), the mode of one
+macvtap/ipvtap link and every tun's queue counts (RTM_GETLINK).  Parsers are pure functions
+over bytes."""
 
 from __future__ import annotations
 
@@ -122,3 +123,34 @@ def link_mode(ifindex: int) -> str | None:
         if t == L.RTM_NEWLINK:
             return parse_link_mode(payload)
     return None
+
+
+def parse_tun_queues(payload: bytes) -> tuple[str, int, int] | None:
+    """(name, enabled queues, disabled queues) of a tun RTM_NEWLINK; None for other kinds."""
+    name, counts = None, None
+    for atype, value in iter_attrs(payload[struct.calcsize(L.IFINFOMSG):]):
+        if atype == L.IFLA_IFNAME:
+            name = value.split(b"\0", 1)[0].decode(errors="surrogateescape")
+        elif atype == L.IFLA_LINKINFO:
+            info = dict(iter_attrs(value))
+            if info.get(L.IFLA_INFO_KIND, b"").split(b"\0", 1)[0] != b"tun":
+                return None
+            data = dict(iter_attrs(info.get(L.IFLA_INFO_DATA, b"")))
+            n = data.get(L.IFLA_TUN_NUM_QUEUES, b"")
+            d = data.get(L.IFLA_TUN_NUM_DISABLED_QUEUES, b"")
+            if len(n) >= 4 and len(d) >= 4:
+                counts = (struct.unpack_from("=I", n)[0], struct.unpack_from("=I", d)[0])
+    return (name, *counts) if name and counts else None
+
+
+def tun_queues() -> dict[str, tuple[int, int]]:
+    """name -> (enabled, disabled) queues of every tun/tap in our namespace: one dump."""
+    req = struct.pack(L.IFINFOMSG, socket.AF_UNSPEC, 0, 0, 0, 0)
+    out = {}
+    for t, payload in _ask(L.NETLINK_ROUTE, L.RTM_GETLINK, UD.NLM_F_REQUEST | UD.NLM_F_DUMP,
+                           req, "RTM_GETLINK(dump)"):
+        if t == L.RTM_NEWLINK:
+            got = parse_tun_queues(payload)
+            if got:
+                out[got[0]] = got[1:]
+    return out

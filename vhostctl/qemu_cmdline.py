@@ -145,6 +145,7 @@ class DeviceSpec:
     driver: str
     id: str | None = None
     netdev: str | None = None
+    mac: str | None = None
 
 
 @dataclass
@@ -233,7 +234,8 @@ def parse_argv(argv: list[str]) -> QemuArgs:
             driver = _as_str(opts.get("driver"))
             if driver:
                 out.devices.append(DeviceSpec(driver, _as_str(opts.get("id")),
-                                              _as_str(opts.get("netdev"))))
+                                              _as_str(opts.get("netdev")),
+                                              _as_str(opts.get("mac"))))
         elif opt == "qmp":
             addr = value.split(",", 1)[0]
             if addr.startswith("unix:"):

@@ -38,6 +38,7 @@ from ._uapi import if_tun as T
 from .errors import ValidationError, VhostctlError
 from .hostcheck import expected_worker_model
 from .nldiag import link_mode as netlink_link_mode
+from .nldiag import tun_queues as netlink_tun_queues
 from .nldiag import unix_socket_peers
 from .qemu_cmdline import NetdevSpec, QemuArgs, is_qemu, parse_argv
 
@@ -140,6 +141,15 @@ def parse_char_devices(text: str) -> dict[str, int]:
     return out
 
 
+def parse_schedstat(text: str) -> int:
+    """Run-queue wait in ns: the second of ``/proc/PID/schedstat``'s three numbers
+    (proc_pid_schedstat(), fs/proc/base.c: time on CPU, time waiting, timeslices)."""
+    parts = text.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ValueError("schedstat: expected 'run_ns wait_ns slices'")
+    return int(parts[1])
+
+
 def parse_unix_listeners(text: str) -> dict[str, list[int]]:
     """``/proc/net/unix``: path -> inodes of sockets bound there (listening or not)."""
     out: dict[str, list[int]] = {}
@@ -165,6 +175,9 @@ class Worker:
     last_cpu: int
     clk_tck: int = 100
     tgid: int | None = None  # the process a "task" worker is a thread of (None: a kthread)
+    # Time spent runnable but waiting for a CPU (schedstat field 2, ns; None: unreadable,
+    # or a kernel without CONFIG_SCHED_INFO): a worker starved by other threads.
+    runqueue_wait_ns: int | None = None
 
     @property
     def cpu_seconds(self) -> float:
@@ -191,6 +204,10 @@ class TapLink:
     lower: str | None = None
     mode: str | None = None
     tun_flags: int | None = None
+    # A tun's attached queues, enabled and disabled (rtnetlink IFLA_TUN_NUM_QUEUES and
+    # IFLA_TUN_NUM_DISABLED_QUEUES: tun->numqueues, tun->numdisabled in drivers/net/tun.c).
+    queues_enabled: int | None = None
+    queues_disabled: int | None = None
     flags: list[str] = field(default_factory=list)
     owner: int | None = None
     group: int | None = None
@@ -231,6 +248,7 @@ class Nic:
     vhost_fds: list[int] = field(default_factory=list)
     vhost_requested: bool | None = None
     device: str | None = None  # the guest-side device driver (-device ...,netdev=id)
+    mac: str | None = None  # the guest's MAC address, when the command line gives it
     socket: str | None = None  # vhost-user
     socket_server: bool | None = None
     link: TapLink | None = None
@@ -353,12 +371,15 @@ class Scanner:
 
     def __init__(self, proc: str = "/proc", sys: str = "/sys", clk_tck: int | None = None, *,
                  unix_peers: Callable[[], dict[int, tuple[str | None, int]]] | None = None,
-                 link_mode: Callable[[int], str | None] | None = None) -> None:
+                 link_mode: Callable[[int], str | None] | None = None,
+                 tun_queues: Callable[[], dict[str, tuple[int, int]]] | None = None) -> None:
         self.proc = proc.rstrip("/") or "/"
         self.sys = sys.rstrip("/") or "/"
         self.clk_tck = clk_tck or os.sysconf("SC_CLK_TCK")
         self.unix_peers = unix_peers or unix_socket_peers
         self.link_mode = link_mode or netlink_link_mode
+        self.tun_queues = tun_queues or netlink_tun_queues
+        self._tun_queues: dict[str, tuple[int, int]] | None = None
         self.skipped: list[str] = []
         self._tap_majors: dict[int, str] = {}
         self._tap_devs: dict[tuple[int, int], str] | None = None
@@ -401,12 +422,30 @@ class Scanner:
             self._skip(path, e)
             return None
 
-    def _worker(self, st: ProcStat, model: str) -> Worker | None:
+    def _worker(self, st: ProcStat, model: str, base: str) -> Worker | None:
+        """A Worker when ``st`` is a vhost thread; ``base`` is its /proc directory."""
         m = WORKER_RE.fullmatch(st.comm)
         if not m:
             return None
+        sched = self._read(f"{base}/schedstat")
+        try:
+            wait = parse_schedstat(sched) if sched is not None else None
+        except ValueError as e:
+            self._skip(f"{base}/schedstat", e)
+            wait = None
         return Worker(tid=st.pid, name=st.comm, model=model, owner=int(m[1]), utime=st.utime,
-                      stime=st.stime, last_cpu=st.processor, clk_tck=self.clk_tck)
+                      stime=st.stime, last_cpu=st.processor, clk_tck=self.clk_tck,
+                      runqueue_wait_ns=wait)
+
+    def _tun_queue_counts(self, name: str) -> tuple[int, int] | None:
+        """(enabled, disabled) queues of tun ``name``: one RTM_GETLINK dump per scan."""
+        if self._tun_queues is None:
+            try:
+                self._tun_queues = self.tun_queues()
+            except OSError as e:
+                self._skip("RTM_GETLINK dump (tun queues)", e)
+                self._tun_queues = {}
+        return self._tun_queues.get(name)
 
     # -- fds ----------------------------------------------------------------------------------
     def _classify(self, link_path: str, target: str) -> tuple[str | None, int]:
@@ -515,6 +554,9 @@ class Scanner:
         link.tun_flags = num("tun_flags", base10=False)
         if link.tun_flags is not None and link.tun_flags >= 0:
             link.flags = T.IFF_FLAGS.decode(link.tun_flags)
+            counts = self._tun_queue_counts(name)
+            if counts:
+                link.queues_enabled, link.queues_disabled = counts
         else:
             link.tun_flags = None
         owner, group = num("owner"), num("group")
@@ -569,7 +611,7 @@ class Scanner:
             if not tid.isdigit() or int(tid) == pid:
                 continue
             st = self._stat(f"{self.proc}/{pid}/task/{tid}/stat")
-            w = st and self._worker(st, "task")
+            w = st and self._worker(st, "task", f"{self.proc}/{pid}/task/{tid}")
             if w:
                 w.tgid = pid
                 out.append(w)
@@ -621,6 +663,7 @@ class Scanner:
         name or comm)."""
         self.skipped = []
         self._tap_devs = None
+        self._tun_queues = None
         self._socket_owners = {}
         release = (self._read(f"{self.proc}/sys/kernel/osrelease") or "").strip() or None
         self._tap_majors = {major: name for name, major in
@@ -634,7 +677,7 @@ class Scanner:
             if st is None:
                 continue
             if st.flags & PF_KTHREAD:
-                w = self._worker(st, "kthread")
+                w = self._worker(st, "kthread", f"{self.proc}/{pid}")
                 if w:
                     kthreads.append(w)
                 continue
@@ -728,7 +771,7 @@ def build_nics(args: QemuArgs, tun: dict[int, str | None],
         nics.append(Nic(path=PATH_VIRTIO, id=spec.id if spec else None, tap=name,
                         queues=len(fds), tap_fds=fds, vhost_fds=claimed,
                         vhost_requested=spec.vhost_requested if spec else None,
-                        device=dev.driver if dev else None,
+                        device=dev.driver if dev else None, mac=dev.mac if dev else None,
                         pairing="cmdline" if claimed else None))
     explicit = {n.tap for n in nics if n.vhost_fds}
     owner_of = {fd: n for n in nics if n.tap not in explicit for fd in n.tap_fds}
@@ -748,7 +791,7 @@ def build_nics(args: QemuArgs, tun: dict[int, str | None],
         nics.append(Nic(path=PATH_VHOST_USER, id=s.id, queues=s.queues or 1,
                         socket=ch.path if ch else None,
                         socket_server=ch.server if ch else None,
-                        device=dev.driver if dev else None))
+                        device=dev.driver if dev else None, mac=dev.mac if dev else None))
     for n in nics:
         if n.tap_fds and n.vhost_fds:
             n.path = PATH_VHOST_NET

@@ -44,10 +44,12 @@ class FakeHost:
         self.kthread(2, "kthreadd", ppid=0)
         self.unix: dict[int, tuple[str | None, int]] = {}  # what sock_diag would answer
         self.modes: dict[int, str] = {}  # ifindex -> what RTM_GETLINK would answer
+        self.queues: dict[str, tuple[int, int]] = {}  # tun name -> (enabled, disabled)
 
     def scanner(self) -> sv.Scanner:
         return sv.Scanner(str(self.proc), str(self.sys), clk_tck=100,
-                          unix_peers=lambda: self.unix, link_mode=self.modes.get)
+                          unix_peers=lambda: self.unix, link_mode=self.modes.get,
+                          tun_queues=lambda: self.queues)
 
     def process(self, pid: int, comm: str, argv: list[str], *, fds: dict[int, str] | None = None,
                 tun: dict[int, str | None] | None = None, uid: int = 0,
@@ -661,7 +663,7 @@ def test_json_schema_is_stable(host):
                                 "vnet_hdr"}
     assert p["workers"][0] == {"tid": 60, "name": "vhost-50", "model": "kthread", "owner": 50,
                                "utime": 3, "stime": 0, "last_cpu": 0, "cpu_seconds": 0.03,
-                               "tgid": None}
+                               "tgid": None, "runqueue_wait_ns": None}
     assert p["view"] == ["cmdline", "procfs", "sysfs"] and p["macvtap_fds"] == {}
     assert (nic["tap_kind"], nic["pairing"], nic["backend"]) == ("tun", "fd order", None)
     assert nic["queue_pairs"] == [{"tap_fd": 3, "vhost_fd": 4, "worker_tid": 60}]
@@ -886,3 +888,47 @@ def test_cli_top_json_is_one_object_per_line():
     lines = r.stdout.splitlines()
     assert len(lines) == 2
     assert all(set(json.loads(x)) == {"time", "interval", "sort", "processes"} for x in lines)
+
+
+# -- schedstat, tun queue counts, guest MAC (what the metrics exporter reads) ---------------------
+
+def test_schedstat_wait_is_the_second_number():
+    assert sv.parse_schedstat("123 456 7\n") == 456
+    for bad in ("", "123", "1 x 2"):
+        with pytest.raises(ValueError):
+            sv.parse_schedstat(bad)
+
+
+def test_tun_queues_from_rtm_newlink():
+    import struct
+
+    from vhostctl import nldiag
+    from vhostctl._uapi import if_link as L
+
+    def link(kind: bytes, data: bytes) -> bytes:
+        info = _nla(L.IFLA_INFO_KIND, kind + b"\0") + _nla(L.IFLA_INFO_DATA | 0x8000, data)
+        return struct.pack(L.IFINFOMSG, 0, 1, 5, 0, 0) + _nla(L.IFLA_IFNAME, b"tap7\0") + \
+            _nla(L.IFLA_LINKINFO | 0x8000, info)
+
+    counts = _nla(L.IFLA_TUN_NUM_QUEUES, struct.pack("=I", 3)) + \
+        _nla(L.IFLA_TUN_NUM_DISABLED_QUEUES, struct.pack("=I", 1))
+    assert nldiag.parse_tun_queues(link(b"tun", counts)) == ("tap7", 3, 1)
+    assert nldiag.parse_tun_queues(link(b"veth", counts)) is None
+    assert nldiag.parse_tun_queues(link(b"tun", counts[:8])) is None  # no disabled count
+
+
+def test_workers_carry_runqueue_wait_and_taps_their_queue_counts(tmp_path):
+    host = FakeHost(tmp_path, release="6.12.117+deb12-amd64")
+    d = host.process(700, "qemu-system-x86", [QEMU, "-netdev", "tap,id=n0,ifname=tq0,vhost=on",
+                                              "-device", "virtio-net-pci,netdev=n0,"
+                                              "mac=52:54:00:12:34:56"],
+                     fds={5: VH, 6: VH}, tun={3: "tq0", 4: "tq0"},
+                     threads={701: ("vhost-700", 5, 6, 0), 702: ("vhost-700", 1, 1, 1)})
+    (d / "task/701/schedstat").write_text("1000 2500000 9\n")  # 702's is unreadable
+    host.tap("tq0", tun_flags=0x5102)
+    host.queues["tq0"] = (1, 1)
+    p = only(host.scanner().scan())
+    assert [(w.tid, w.runqueue_wait_ns) for w in p.workers] == [(701, 2500000), (702, None)]
+    nic = p.nics[0]
+    assert (nic.link.queues_enabled, nic.link.queues_disabled) == (1, 1)
+    assert nic.mac == "52:54:00:12:34:56"

@@ -1,5 +1,5 @@
 """Mirror of the parts of ``<linux/if_link.h>`` the survey reads: macvlan/macvtap and
-ipvlan/ipvtap modes (IFLA_MACVLAN_MODE, IFLA_IPVLAN_MODE)."""
+ipvlan/ipvtap modes (IFLA_MACVLAN_MODE, IFLA_IPVLAN_MODE) and a tun's queue counts."""
 
 from __future__ import annotations
 
@@ -24,9 +24,14 @@ NETLINK_ROUTE = 0
 RTM_NEWLINK = 16
 RTM_GETLINK = 18
 IFINFOMSG = "=BxHiII"  # struct ifinfomsg: family, pad, type, index, flags, change
+IFLA_IFNAME = 3
 IFLA_LINKINFO = 18
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 IFLA_MACVLAN_MODE = 1  # u32
 IFLA_IPVLAN_MODE = 1  # u16
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+
+# include/uapi/linux/if_link.h enum IFLA_TUN_*: the queue counts tun_fill_info() reports (u32).
+IFLA_TUN_NUM_QUEUES = 8
+IFLA_TUN_NUM_DISABLED_QUEUES = 9

@@ -2,6 +2,7 @@
 
 from . import bench as bench
 from . import check as check
+from . import metrics as metrics
 from . import selftest as selftest
 from . import tap as tap
 from . import up as up
