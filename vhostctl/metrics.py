@@ -291,13 +291,14 @@ def _bind(host: str, port: int, handler: type[BaseHTTPRequestHandler],
                               hint="give an address of this host, or a name that "
                               "resolves to one") from None
     family, _, _, _, addr = infos[0]
+    bind = (str(addr[0]), int(addr[1]))  # AF_INET/AF_INET6 (SOCK_STREAM): host, port first
 
     class Server(HTTPServer):
         address_family = family
         allow_reuse_address = True  # restart while old connections sit in TIME_WAIT
 
     try:
-        return Server(addr[:2], handler)
+        return Server(bind, handler)
     except OSError as e:
         hint = {errno.EADDRINUSE: "another process listens there (ss -ltnp); choose "
                 "another --listen port or stop it",
@@ -314,7 +315,7 @@ def server(listen: str, reg: CollectorRegistry | None = None) -> HTTPServer:
     """An HTTP server bound to ``listen`` that scans on every ``GET /metrics``.  One request
     at a time: concurrent scrapes queue up instead of scanning /proc in parallel."""
     host, port = parse_listen(listen)
-    reg = reg or registry()
+    scraped = reg or registry()
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 30  # a client that sends nothing does not hold the server forever
@@ -323,7 +324,7 @@ def server(listen: str, reg: CollectorRegistry | None = None) -> HTTPServer:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 try:
-                    body, ctype, code = generate_latest(reg), CONTENT_TYPE_PLAIN_0_0_4, 200
+                    body, ctype, code = generate_latest(scraped), CONTENT_TYPE_PLAIN_0_0_4, 200
                 except Exception as e:  # a bug in a scan: say it, keep serving
                     body = f"vhostctl: scrape failed: {type(e).__name__}: {e}\n".encode()
                     ctype, code = "text/plain; charset=utf-8", 500
@@ -357,8 +358,8 @@ def serve(listen: str, reg: CollectorRegistry | None = None,
            if threading.current_thread() is threading.main_thread() else None)
     try:
         if ready:
-            host, port = srv.server_address[:2]
-            ready(f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}")
+            bound, port = str(srv.server_address[0]), srv.server_address[1]
+            ready(f"[{bound}]:{port}" if ":" in bound else f"{bound}:{port}")
         srv.serve_forever()
     except SystemExit:
         pass
