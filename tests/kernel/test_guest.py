@@ -11,10 +11,12 @@ while a flow runs: the guest lets it go, QEMU keeps running, the host keeps noth
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,24 +171,57 @@ def test_flow_shows_vhost_workers_with_cpu(booted, cli):
            worker_us_per_packet=round(1e6 * spent / rx, 2), model=workers[0]["model"])
 
 
+class CounterLog:
+    """The tap's rx_packets read every 50 ms in a thread, so a rate can be taken over exactly
+    the window ``top`` measured (its sample's end time and interval): a window around the whole
+    ``top`` call would also count the start-up and the final scan, whose CPU the nested guest
+    loses, and read a lower rate than top's."""
+
+    def __init__(self, tap: str) -> None:
+        self.tap, self.points, self._stop = tap, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.points.append((time.time(), tap_counter(self.tap, "rx_packets")))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> CounterLog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def at(self, when: float) -> float:
+        """The counter at ``when``, interpolated between the two reads around it."""
+        for (t0, c0), (t1, c1) in itertools.pairwise(self.points):
+            if t0 <= when <= t1:
+                return c0 + (c1 - c0) * (when - t0) / (t1 - t0 or 1.0)
+        raise AssertionError(f"{when} outside the counter log {self.points[0][0]}.."
+                             f"{self.points[-1][0]}")
+
+
 def test_top_json_rate_matches_tap_counters(booted, cli):
     g, tap, host, queues = booted
     g.pktgen_start("eth0", host, tap_mac(tap), queues=queues)
     try:
         time.sleep(1.0)  # past the start-up
-        t0, rx0 = time.monotonic(), tap_counter(tap, "rx_packets")
-        r = cli("top", "--json", "--iterations", "1", "--interval", TOP_INTERVAL)
-        t1, rx1 = time.monotonic(), tap_counter(tap, "rx_packets")
+        with CounterLog(tap) as log:
+            r = cli("top", "--json", "--iterations", "1", "--interval", TOP_INTERVAL)
+            time.sleep(0.2)  # one more read after top's end
     finally:
         g.pktgen_stop("eth0")
     assert r.code == 0, r
     samples = top_samples(r.stdout)
     assert len(samples) == 1, r.stdout
     (row,) = find_nic_rows(samples[0], tap)
-    tap_pps = (rx1 - rx0) / (t1 - t0)
+    end, interval = samples[0]["time"], samples[0]["interval"]
+    tap_pps = (log.at(end) - log.at(end - interval)) / interval
     top_pps = row["from_guest_pps"]
     record(test="top", guest=g.name, queues=queues, top_pps=round(top_pps),
-           tap_pps=round(tap_pps), window_s=round(t1 - t0, 2), sample=samples[0])
+           tap_pps=round(tap_pps), window_s=interval, sample=samples[0])
     assert tap_pps > 100, tap_pps
     assert abs(top_pps - tap_pps) <= 0.1 * tap_pps, (top_pps, tap_pps)
 
