@@ -7,6 +7,10 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -245,3 +249,51 @@ def as_user(fn, uid: int = 65534, gid: int = 65534):
         return fn()
 
     return child
+
+
+def _tails(logs: Sequence[Path]) -> str:
+    return " | ".join(f.read_text(errors="replace")[-2000:] for f in logs if f.exists())
+
+
+def wait_until(what: str, cond: Callable[[], object], timeout: float,
+               procs: Sequence[subprocess.Popen] = (), logs: Sequence[Path] = (),
+               step: float = 0.2) -> object:
+    """``cond()``'s first true value, polled every ``step`` s; the test fails, quoting the
+    ``logs``, when ``timeout`` passes or one of ``procs`` (what should make it true) exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"{what}: {p.args[0]} exited with {p.returncode}: {_tails(logs)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g}s: {_tails(logs)}")
+        time.sleep(step)
+
+
+def stop_process(p: subprocess.Popen, timeout: float = 20.0) -> None:
+    """End a child a test started: its stdin closed (the programs that stop at EOF stop
+    cleanly), SIGTERM, SIGKILL after ``timeout`` s."""
+    if p.stdin:
+        p.stdin.close()
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A short directory under /tmp (sun_path is 108 bytes) for sockets and logs; the
+    consoles (``*.log``) are kept in $VHOSTCTL_RESULTS for a failure's post-mortem."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    yield d
+    out = os.environ.get("VHOSTCTL_RESULTS")
+    if out:
+        for log in d.glob("*.log"):
+            shutil.copy(log, Path(out) / f"guest-{log.name}")
+    shutil.rmtree(d, ignore_errors=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kernel.conftest import stop_process, wait_until
 from vhostctl.qmp import QmpClient
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,22 +92,6 @@ def tap_mac(tap: str) -> str:
     return Path(f"/sys/class/net/{tap}/address").read_text().strip()
 
 
-def wait_until(what: str, cond, timeout: float, proc: subprocess.Popen | None = None,
-               log: Path | None = None, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if proc is not None and proc.poll() is not None:
-            text = log.read_text(errors="replace") if log and log.exists() else ""
-            pytest.fail(f"{what}: QEMU exited with {proc.returncode}: {text[-3000:]}")
-        if time.monotonic() > deadline:
-            text = log.read_text(errors="replace") if log and log.exists() else ""
-            pytest.fail(f"{what}: not within {timeout:g}s; console: {text[-3000:]}")
-        time.sleep(step)
-
-
 @dataclass
 class Guest:
     """One running guest: its QEMU process, QMP socket, command channel and logs."""
@@ -152,8 +137,8 @@ class Guest:
             raise ValueError("one line only")
         if self._chan is None:
             wait_until(f"guest {self.name}'s command socket",
-                       lambda: os.path.exists(self.console_path), timeout, self.proc,
-                       self.stderr_log)
+                       lambda: os.path.exists(self.console_path), timeout, [self.proc],
+                       [self.stderr_log])
             s = socket.socket(socket.AF_UNIX)
             s.settimeout(30)
             s.connect(self.console_path)
@@ -241,13 +226,7 @@ class Guest:
         if self._chan is not None:
             self._chan.close()
             self._chan = None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
+        stop_process(self.proc, 15)
 
 
 def qemu_args(name: str, workdir: Path, addrs: dict[str, str], *, machine: str = "q35",
@@ -280,7 +259,7 @@ def start(name: str, workdir: Path, argv: list[str], addrs: dict[str, str],
 
 def wait_link(guest: Guest, tap: str) -> None:
     wait_until(f"tap {tap} of {guest.name}", lambda: os.path.isdir(f"/sys/class/net/{tap}"),
-               BOOT_TIMEOUT, guest.proc, guest.stderr_log)
+               BOOT_TIMEOUT, [guest.proc], [guest.stderr_log])
 
 
 def wait_booted(guest: Guest, addr: str, t0: float) -> None:
@@ -290,7 +269,7 @@ def wait_booted(guest: Guest, addr: str, t0: float) -> None:
                               capture_output=True).returncode == 0
 
     wait_until(f"guest {guest.name} answering ping at {addr}", pings, BOOT_TIMEOUT,
-               guest.proc, guest.log, step=0.5)
+               [guest.proc], [guest.log], step=0.5)
     guest.boot_seconds = time.monotonic() - t0
     guest.sh("true", timeout=BOOT_TIMEOUT)
 

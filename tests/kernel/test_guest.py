@@ -14,8 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.conftest import fds_but_sockets, ip, link_exists
+from tests.kernel.conftest import fds_but_sockets, ip, link_exists, scratch_dir, wait_until
 from tests.kernel.guest import (
     Guest,
     addr_of,
@@ -36,7 +34,6 @@ from tests.kernel.guest import (
     vhostctl_exec,
     wait_booted,
     wait_link,
-    wait_until,
 )
 from vhostctl.survey import expected_worker_model, parse_info_network
 
@@ -54,14 +51,7 @@ UNPLUG_WAIT = "120"
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    """A short directory (sun_path is 108 bytes) for sockets and logs."""
-    d = Path(tempfile.mkdtemp(prefix="vg", dir="/tmp"))
-    yield d
-    out = os.environ.get("VHOSTCTL_RESULTS")
-    if out:  # the guests' consoles, for a failure's post-mortem
-        for log in d.glob("*.log"):
-            shutil.copy(log, Path(out) / f"guest-{log.name}")
-    shutil.rmtree(d, ignore_errors=True)
+    yield from scratch_dir("vg")
 
 
 def exec_guest(workdir: Path, name: str, tap: str, queues: int, subnet: str,

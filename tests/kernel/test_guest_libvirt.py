@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.kernel.conftest import gone, ip, link_exists
+from tests.kernel.conftest import gone, ip, link_exists, scratch_dir, wait_until
 from tests.kernel.guest import (
     Guest,
     host_ping,
@@ -28,7 +26,6 @@ from tests.kernel.guest import (
     record,
     start,
     wait_booted,
-    wait_until,
 )
 from vhostctl.tun import Tap
 from vhostctl.vhost import VhostNet
@@ -40,13 +37,7 @@ VM = "vm1"
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="vl", dir="/tmp"))
-    yield d
-    out = os.environ.get("VHOSTCTL_RESULTS")
-    if out:
-        for log in d.glob("*.log"):
-            shutil.copy(log, Path(out) / f"guest-{log.name}")
-    shutil.rmtree(d, ignore_errors=True)
+    yield from scratch_dir("vl")
 
 
 def open_macvtap(name: str, workdir: Path) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.conftest import ip, link_exists
+from tests.kernel.conftest import ip, link_exists, stop_process, wait_until
 from vhostctl.datapath import Datapath, DatapathConfig
 from vhostctl.selftest import probe_frame
 from vhostctl.survey import expected_worker_model
@@ -83,21 +82,9 @@ def start_holder(name: str, tap: str, mode: str = "pump") -> tuple[subprocess.Po
     t.start()
     t.join(START_TIMEOUT)
     if not line[0].startswith("ready"):
-        stop(p)
+        stop_process(p)
         pytest.fail(f"holder {name} did not come up: {line[0]!r}, rc {p.poll()}")
     return p, int(line[0].split()[1])
-
-
-def stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        with_stdin = p.stdin
-        if with_stdin:
-            with_stdin.close()
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
 
 
 def inspect(cli, *select: str) -> dict:
@@ -185,7 +172,7 @@ def test_a_separate_program_holding_a_tap_and_vhost_fd(ifname, cli):
             time.sleep(1)
         assert proc["workers"][0]["cpu_seconds"] > 0, proc["workers"]
     finally:
-        stop(p)
+        stop_process(p)
     assert not link_exists(ifname)
 
 
@@ -204,7 +191,7 @@ def test_a_worker_whose_owner_holds_no_vhost_fd_is_unmatched(ifname, cli):
         r = cli("inspect")
         assert r.code == 0 and f"unmatched worker vhost-{p.pid}" in r.stdout, r
     finally:
-        stop(p)
+        stop_process(p)
 
 
 def test_inspect_of_no_such_process_fails_on_stderr(cli):
@@ -266,19 +253,6 @@ TESTPMD = shutil.which("dpdk-testpmd") or "/usr/bin/dpdk-testpmd"
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 
 
-def wait_for(what: str, cond, timeout: float, procs: list[subprocess.Popen],
-             logs: tuple[Path, ...] = ()) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        for p in procs:
-            if p.poll() is not None:
-                out = " | ".join(f.read_text(errors="replace")[-1500:] for f in logs)
-                pytest.fail(f"{what}: {p.args[0]} exited with {p.returncode}: {out}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g}s")
-        time.sleep(0.2)
-
-
 def test_vhost_user_backend_is_named_and_charged(cli):
     work = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp"))
     sock = str(work / "vu.sock")
@@ -292,8 +266,8 @@ def test_vhost_user_backend_is_named_and_charged(cli):
     procs = [pmd]
     qlog = None
     try:
-        wait_for("testpmd's vhost-user socket", lambda: os.path.exists(sock), START_TIMEOUT,
-                 procs, (work / "testpmd.log",))
+        wait_until("testpmd's vhost-user socket", lambda: os.path.exists(sock), START_TIMEOUT,
+                   procs, (work / "testpmd.log",))
         qlog = open(work / "qemu.log", "w")  # noqa: SIM115 (closed in the finally)
         qemu = subprocess.Popen(
             [QEMU, "-S", "-display", "none", "-nodefaults", "-machine", "q35", "-accel", "tcg",
@@ -313,8 +287,8 @@ def test_vhost_user_backend_is_named_and_charged(cli):
             (nic,) = r.json()["processes"][0]["nics"]
             return nic["backend"] is not None
 
-        wait_for("QEMU connected to testpmd", named, START_TIMEOUT, procs,
-                 (work / "testpmd.log", work / "qemu.log"))
+        wait_until("QEMU connected to testpmd", named, START_TIMEOUT, procs,
+                   (work / "testpmd.log", work / "qemu.log"))
         (p,) = inspect(cli, str(qemu.pid))["processes"]
         (nic,) = p["nics"]
         b = nic["backend"]
@@ -329,13 +303,7 @@ def test_vhost_user_backend_is_named_and_charged(cli):
         assert r.code == 0 and f"backend {b['comm']} pid {pmd.pid}" in r.stdout, r
     finally:
         for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(10)
+            stop_process(p)
         log.close()
         if qlog:
             qlog.close()
@@ -350,7 +318,7 @@ def test_vhost_off_nic_is_charged_to_the_vmm(ifname, cli):
          "-device", "virtio-net-pci,netdev=n0,id=nic0"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for("QEMU's tap", lambda: link_exists(ifname), START_TIMEOUT, [qemu])
+        wait_until("QEMU's tap", lambda: link_exists(ifname), START_TIMEOUT, [qemu])
         samples = top_samples(cli)
         proc, nic = top_nic(samples, qemu.pid)
         assert proc["vm"] == "offvm" and nic["path"] == "virtio"
@@ -358,9 +326,4 @@ def test_vhost_off_nic_is_charged_to_the_vmm(ifname, cli):
                                 "cpu_pct": nic["cpu_pct"]}
         assert proc["workers"] == 0 and nic["queues"][0]["vhost_fd"] is None
     finally:
-        qemu.terminate()
-        try:
-            qemu.wait(20)
-        except subprocess.TimeoutExpired:
-            qemu.kill()
-            qemu.wait(10)
+        stop_process(qemu)

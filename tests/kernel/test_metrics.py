@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.kernel.conftest import ip
+from tests.kernel.conftest import ip, stop_process, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -68,31 +68,6 @@ def pick(series: dict, name: str, **labels: str) -> list[tuple[dict[str, str], f
             if all(lab.get(k) == x for k, x in labels.items())]
 
 
-def wait_until(what: str, cond: Callable[[], object], timeout: float,
-               proc: subprocess.Popen | None = None, log: Path | None = None) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if proc is not None and proc.poll() is not None:
-            text = log.read_text() if log and log.exists() else ""
-            pytest.fail(f"{what}: process exited with {proc.returncode}: {text[-2000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g}s")
-        time.sleep(0.2)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
-
-
 # -- the exporter, as its own process ---------------------------------------------------------
 
 @dataclass
@@ -121,13 +96,13 @@ def exporter() -> Iterator[Exporter]:
     try:
         m = wait_until("vhostctl serve says where it listens",
                        lambda: re.search(r"serving (http://\S+/metrics)", log.read_text()),
-                       START_TIMEOUT, proc, log)
+                       START_TIMEOUT, [proc], [log])
         yield Exporter(proc, m[1])  # type: ignore[index]
         # SIGTERM is a clean stop (exit 0) for systemd.
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     finally:
-        stop(proc)
+        stop_process(proc, 15)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -255,10 +230,11 @@ def prometheus(exporter: Exporter) -> Iterator[Prometheus]:
             return False
 
     try:
-        wait_until("Prometheus up and scraping vhostctl serve", ready, START_TIMEOUT, proc, log)
+        wait_until("Prometheus up and scraping vhostctl serve", ready, START_TIMEOUT, [proc],
+                   [log])
         yield prom
     finally:
-        stop(proc)
+        stop_process(proc, 15)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -363,11 +339,11 @@ def test_paused_qemu_from_exec_is_vhost_active_with_a_worker_per_queue(exporter,
     with open(log, "w") as errf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errf, stderr=errf)
     try:
-        wait_until("QMP of the handed-off QEMU", lambda: qmp_ready(sock), START_TIMEOUT, proc,
-                   log)
+        wait_until("QMP of the handed-off QEMU", lambda: qmp_ready(sock), START_TIMEOUT,
+                   [proc], [log])
         text = exporter.scrape()
     finally:
-        stop(proc)
+        stop_process(proc, 15)
         ip("link", "del", ifname)
         shutil.rmtree(d, ignore_errors=True)
     promtool_check(text)
@@ -428,5 +404,5 @@ def test_vhost_requested_but_no_vhost_fd_shows_requested_1_active_0(exporter, if
         assert pick(s, "vhostctl_nic_queues_disabled", **key)[0][1] == 1
         assert not pick(s, "vhostctl_vhost_worker_cpu_seconds_total", **key)
     finally:
-        stop(child)
+        stop_process(child, 15)
         ip("link", "del", ifname)
