@@ -214,6 +214,57 @@ def test_a_process_that_vanishes_mid_scan_never_fails_the_scrape(host, monkeypat
     assert one(s, "vhostctl_scrape_skipped_reads") >= 1
 
 
+def test_a_process_vanishing_at_any_read_of_its_proc_entry_never_fails_the_scrape(
+        host, monkeypatch, tmp_path):
+    """Churn, made deterministic: a second QEMU (tap fds, vhost fds, worker threads) exits
+    just before the n-th read the scan makes under its /proc entry, for every n until a scan
+    makes no more.  Every scrape parses; the VM that stays is always reported whole."""
+    import builtins
+
+    vhost_vm(host)
+    gone = host.process(860, "qemu-system-x86", [
+        QEMU, "-name", "gone", "-netdev", "tap,id=n0,ifname=tg0,vhost=on,queues=2",
+        "-device", "virtio-net-pci,netdev=n0,mq=on"],
+        tun={5: "tg0", 7: "tg0"}, fds={6: VH, 8: VH},
+        threads={861: ("vhost-860", 5, 5, 0), 862: ("vhost-860", 5, 5, 1)})
+    (gone / "task/861/schedstat").write_text("1 2 3\n")
+    host.tap("tg0", tun_flags=0x5102)
+    host.queues["tg0"] = (2, 0)
+    keep = shutil.copytree(gone, tmp_path / "keep-860", symlinks=True)
+    prefix = str(gone)
+    state = {"left": 0, "alive": True}
+
+    def hook(real):
+        def call(path, *a, **kw):
+            if state["alive"] and str(path).startswith(prefix):
+                state["left"] -= 1
+                if state["left"] == 0:
+                    state["alive"] = False
+                    shutil.rmtree(prefix)  # QEMU 860 exits now
+            return real(path, *a, **kw)
+        return call
+
+    for name in ("listdir", "readlink", "stat", "scandir"):
+        monkeypatch.setattr(os, name, hook(getattr(os, name)))
+    monkeypatch.setattr(os.path, "isdir", hook(os.path.isdir))
+    monkeypatch.setattr(builtins, "open", hook(builtins.open))
+    whole = None
+    for n in range(1, 1000):
+        if not state["alive"]:
+            shutil.copytree(keep, prefix, symlinks=True)
+        state.update(left=n, alive=True)
+        s = scrape(host)
+        assert one(s, "vhostctl_nic_info", domain="web") == 1, n
+        assert one(s, "vhostctl_nic_queues_enabled", domain="web") == 2, n
+        domains = sorted(lab["domain"] for lab, _ in s["vhostctl_nic_info"])
+        assert domains in (["web"], ["gone", "web"]), (n, domains)
+        if state["alive"]:  # the scan made fewer than n reads: every one was hit
+            whole = s
+            break
+    assert whole is not None and n > 5, n
+    assert sorted(lab["domain"] for lab, _ in whole["vhostctl_nic_info"]) == ["gone", "web"]
+
+
 def test_check_label_is_snake_case():
     assert m.check_label("vhost-net device") == "vhost_net_device"
     assert m.check_label("/dev/kvm") == "dev_kvm"
