@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kernel import test_metrics as tm
 from tests.kernel.conftest import fds_but_sockets, ip, link_exists, scratch_dir, wait_until
 from tests.kernel.guest import (
     Guest,
@@ -35,6 +36,7 @@ from tests.kernel.guest import (
     wait_booted,
     wait_link,
 )
+from vhostctl.selftest import host_socket, probe_frame
 from vhostctl.survey import expected_worker_model, parse_info_network
 
 pytestmark = pytest.mark.kernel
@@ -47,6 +49,11 @@ HOTPLUG_PORT = ["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1",
                 # down on device_del, after the attention button's 5 s grace period.
                 "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
 UNPLUG_WAIT = "120"
+HOST_TO_GUEST_PPS = 500  # frames the host sends into the guest while it transmits
+
+# The exporter (one `vhostctl serve` for this module) and Debian's Prometheus scraping it.
+exporter = tm.exporter
+prometheus = tm.prometheus
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +221,48 @@ def test_top_json_rate_matches_tap_counters(booted, cli):
            tap_pps=round(tap_pps), window_s=interval, sample=samples[0])
     assert tap_pps > 100, tap_pps
     assert abs(top_pps - tap_pps) <= 0.1 * tap_pps, (top_pps, tap_pps)
+
+
+# -- metrics (issue 19) with the running guest as the traffic source ---------------------------
+
+def guest_traffic(g: Guest, tap: str, host: str, queues: int) -> tm.TrafficNic:
+    """Guest -> host: pktgen over every TX queue (the tap's rx); host -> guest: UDP frames on
+    every flow of the tap's queues from an AF_PACKET socket (the tap's tx)."""
+    halt = threading.Event()
+    threads: list[threading.Thread] = []
+    moved = {"host_sent": 0}
+
+    def send() -> None:
+        s = host_socket(int(Path(f"/sys/class/net/{tap}/ifindex").read_text()))
+        try:
+            frames = [probe_frame(i, 512, flow=i % queues) for i in range(50)]
+            while not halt.is_set():
+                for f in frames:
+                    s.send(f)
+                moved["host_sent"] += len(frames)
+                halt.wait(len(frames) / HOST_TO_GUEST_PPS)
+        finally:
+            s.close()
+
+    def start() -> None:
+        g.pktgen_start("eth0", host, tap_mac(tap), queues=queues)
+        threads.append(threading.Thread(target=send, daemon=True))
+        threads[-1].start()
+
+    def stop() -> None:
+        halt.set()
+        for t in threads:
+            t.join(30)
+        moved.update(g.pktgen_stop("eth0"))
+
+    return tm.TrafficNic(tap, g.name, start, stop, moved)
+
+
+def test_prometheus_sees_the_running_guests_worker_cpu_and_traffic(booted, exporter,
+                                                                    prometheus):
+    g, tap, host, queues = booted
+    tm.assert_prometheus_rates(exporter, prometheus, guest_traffic(g, tap, host, queues),
+                               {str(q) for q in range(queues)})
 
 
 # -- scenario 2: hot-plug into the running guest ----------------------------------------------
