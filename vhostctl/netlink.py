@@ -123,6 +123,8 @@ class Link:
     max_mtu: int | None = None
     stats: dict[str, int] = field(default_factory=dict)
     tun: TunAttrs | None = None
+    txqlen: int | None = None
+    alias: str | None = None
 
     @property
     def up(self) -> bool:
@@ -187,6 +189,8 @@ def parse_link(msg: Any) -> Link:
         max_mtu=g("IFLA_MAX_MTU"),
         stats={k: int(v) for k, v in dict(stats).items() if isinstance(v, int)},
         tun=tun,
+        txqlen=g("IFLA_TXQLEN"),
+        alias=g("IFLA_IFALIAS") or None,
     )
 
 
@@ -420,6 +424,24 @@ class Netlink:
             return
         m = self.link(master)
         self._set(name, f"set master {master}", master=m.ifindex)
+
+    def set_txqlen(self, name: str, txqlen: int) -> None:
+        if not isinstance(txqlen, int) or not 0 <= txqlen < 2**32:
+            raise ValidationError(f"set txqueuelen on {name}", f"{txqlen!r} is not 0..2^32-1")
+        self._set(name, f"set txqueuelen {txqlen}", txqlen=txqlen)
+
+    def set_alias(self, name: str, alias: str | None) -> None:
+        """IFLA_IFALIAS; None or "" clears it (dev_set_alias() in net/core/dev.c frees an
+        empty alias).  At most IFALIASZ - 1 (255) bytes."""
+        text = alias or ""
+        if len(text.encode()) > 255:
+            raise ValidationError(f"set alias on {name}", "longer than 255 bytes (IFALIASZ)")
+        self._set(name, "set alias" if text else "set noalias", ifalias=text)
+
+    def add_bridge(self, name: str) -> None:
+        """RTM_NEWLINK with IFLA_INFO_KIND bridge (NLM_F_EXCL: an existing name is EEXIST)."""
+        self._request(f"RTM_NEWLINK add bridge {name}", self._ip().link, "add", ifname=name,
+                      kind="bridge")
 
     def set_netns(self, name: str, netns: str, *, up: bool = False) -> None:
         """Move ``name`` into the named namespace; with ``up`` bring it up there.

@@ -1,5 +1,6 @@
 """Import every command module so each registers on the app (imports stay cheap)."""
 
+from . import apply as apply
 from . import bench as bench
 from . import check as check
 from . import metrics as metrics
