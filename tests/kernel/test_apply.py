@@ -226,6 +226,7 @@ def test_bad_specs_change_nothing(names):
     each spec is valid and new, and must not be created."""
     n = names
     _plain_link(n["dm"])
+    udev_settle()  # udev gives a new dummy its own address a moment later
     before, ipj = link_snapshot(), ip("-j", "link")
     for text, line, needle in BAD_ON_KERNEL:
         path = write_spec(text.format(**n))
