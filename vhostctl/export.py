@@ -89,8 +89,6 @@ def _networkd(spec: Spec) -> Export:
         head = f"# vhostctl export of {spec.path} line {d.line}, tap {s.name}\n" + "".join(
             f"# not expressible here: {m}\n" for m in missing)
         netdev = f"{head}[NetDev]\nName={s.name}\nKind=tap\n"
-        if s.mac:
-            netdev += f"MACAddress={s.mac}\n"
         netdev += f"\n[Tap]\nMultiQueue={_yes(s.multi_queue)}\nPacketInfo=no\n" \
                   f"VNetHeader={_yes(s.vnet_hdr)}\n"
         if s.owner is not None:
@@ -98,7 +96,9 @@ def _networkd(spec: Spec) -> Export:
         if s.group is not None:
             netdev += f"Group={group_name(s.group)}\n"
         files.append(ExportFile(f"10-vhostctl-{s.name}.netdev", netdev))
-        link = "RequiredForOnline=no\n"
+        # networkd ignores a tap's MACAddress= in [NetDev] ("set it in the corresponding
+        # .network file", systemd 252): it goes to [Link].
+        link = "RequiredForOnline=no\n" + (f"MACAddress={s.mac}\n" if s.mac else "")
         mtu = _tap_mtu(d, spec)
         if mtu is not None:
             link += f"MTUBytes={mtu}\n"
