@@ -65,12 +65,22 @@ def no_fd_leak():
     assert not leaked, f"leaked fds: {sorted(leaked)}"
 
 
-def udev_settle() -> None:
+def udev_settle(*names: str) -> None:
     """Wait (bounded) for udev to finish with new links: with MACAddressPolicy=persistent
     (systemd's 99-default.link, active in the VM) it gives a new link that has a random
-    address its own some time after creation."""
+    address its own some time after creation.  ``names``: links just made; wait until udevd
+    has recorded each (:func:`vhostctl.netlink.wait_udev`), since ``udevadm settle`` can
+    return before udevd has even read the kernel's event for a link made a moment ago."""
+    from vhostctl.netlink import wait_udev
+
     if shutil.which("udevadm"):
         subprocess.run(["udevadm", "settle", "--timeout=10"], capture_output=True, check=False)
+    for name in names:
+        try:
+            index = socket.if_nametoindex(name)
+        except OSError:
+            continue  # not there (a clean-up call): nothing for udev to do
+        assert wait_udev(index, timeout=60), f"udevd did not handle {name} within 60 s"
 
 
 def link_exists(name: str) -> bool:

@@ -132,7 +132,7 @@ def test_apply_creates_then_writes_nothing_then_checks_then_prunes(names):
     assert sq["address"] == "fe:00:00:00:5e:01" and sq["txqlen"] == 321
     assert sq["linkinfo"]["info_data"]["user"] == "nobody"
     assert br["mtu"] == 9000 and br["linkinfo"]["info_kind"] == "bridge"
-    udev_settle()
+    udev_settle(n["br"], n["mq"], n["sq"])
 
     mon = LinkMonitor()
     try:
@@ -183,6 +183,7 @@ def test_drift_on_a_held_tap_touches_nothing_and_names_the_holder(names):
     with Tap.open(n["sq"], exclusive=True) as t:
         t.set_owner(0)
         t.set_persist(True)
+        udev_settle(n["sq"])
         holder = subprocess.Popen(
             ["qemu-system-x86_64", "-c", "sleep 3600; :", "-name", "web1"],
             executable="/bin/bash", pass_fds=[t.fileno()], start_new_session=True)
@@ -226,7 +227,7 @@ def test_bad_specs_change_nothing(names):
     each spec is valid and new, and must not be created."""
     n = names
     _plain_link(n["dm"])
-    udev_settle()  # udev gives a new dummy its own address a moment later
+    udev_settle(n["dm"])  # udev gives a new dummy its own address a moment later
     before, ipj = link_snapshot(), ip("-j", "link")
     for text, line, needle in BAD_ON_KERNEL:
         path = write_spec(text.format(**n))
@@ -254,6 +255,7 @@ def _reset(n: dict, mark: str) -> None:
                 spec = A.taplib.TapSpec(name=name, queues=2 if name == n["mq"] else 1, owner=0)
                 A._create_tap(spec, nl, mtu=None, txqlen=None,
                               alias=mark if name == n["sq"] else None, bridge_mac=None)
+                udev_settle(name)  # before the step's snapshot: udev gives it an address
             elif link.mtu != 1500 or link.txqlen != 1000:
                 nl.set_mtu(name, 1500)
                 nl.set_txqlen(name, 1000)

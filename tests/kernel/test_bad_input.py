@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.kernel.conftest import ip, link_snapshot, run_cli
+from tests.kernel.conftest import ip, link_snapshot, run_cli, udev_settle
 from vhostctl.tun import Tap
 
 P = f"b{os.getpid() % 10000}"  # 5 bytes: every name below stays within 15
@@ -149,6 +149,9 @@ def baseline(world: World) -> Iterator[dict]:
     the rtnetlink socket every case's snapshot reuses."""
     from pyroute2 import IPRoute
 
+    # udev rewrites a new link's address a moment after it appears (the dummy's and the
+    # bridge's): the baseline is taken once it has, or the first case sees udev's change
+    udev_settle(world.br, world.dm, world.sq, world.mq, world.bz)
     with IPRoute() as ipr:
         yield {"links": link_snapshot(ipr), "ip": json.loads(ip("-j", "link")), "ipr": ipr}
 
