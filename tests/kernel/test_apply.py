@@ -23,6 +23,7 @@ import pytest
 from tests.kernel.conftest import gone, ip, link_snapshot, run_cli, udev_settle
 from tests.kernel.test_bad_input import _plain_link
 from tests.kernel.test_faults import counted_run, distinct, names_step, one_line_error, record
+from tests.unit.test_apply import BAD as UNIT_BAD
 from vhostctl import _fd
 from vhostctl import apply as A
 from vhostctl.netlink import Netlink
@@ -239,6 +240,23 @@ def test_bad_specs_change_nothing(names):
         assert r.code == 2 and err.startswith(f"vhostctl: {path}:{line}: ") and needle in err, r
         assert link_snapshot() == before, text
     assert ip("-j", "link") == ipj
+
+
+def test_bad_specs_of_the_unit_table_fail_the_same_on_the_kernel():
+    """The parser's table (tests/unit/test_apply.py) through the CLI here: each refused with
+    its line, exit 2, and the host as it was."""
+    before = link_snapshot()
+    for case, text, line, needle in UNIT_BAD:
+        path = write_spec(text)
+        try:
+            r = run_cli("apply", "-f", path)
+        finally:
+            os.unlink(path)
+        err = one_line_error(r.stderr)
+        assert r.code == 2 and err.startswith(f"vhostctl: {path}:{line}: "), (case, r)
+        assert needle in err, (case, err)
+    assert link_snapshot() == before
+    assert len(UNIT_BAD) + len(BAD_ON_KERNEL) >= 15
 
 
 # -- a fault at every step --------------------------------------------------------------------
