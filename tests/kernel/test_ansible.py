@@ -7,7 +7,7 @@ reports nothing changed, the check reports the changes (an MTU, a new tap) with 
 and the host's links are what the first playbook left, to the attribute.
 
 Every ``ansible-playbook`` start and every module run (a Python process importing vhostctl
-and pyroute2) costs seconds in the VM, so there are two playbooks, six module runs, and the
+and pyroute2) costs seconds in the VM, so there are two playbooks, eight module runs, and the
 environment turns off what a local, fact-free run does not need (no facts, no interpreter
 discovery, pipelining instead of temporary module files, no config file, no sys.path scan
 for collections).
