@@ -21,6 +21,7 @@ hand, by ``tap add``, by libvirt) are never pruned.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -595,7 +596,7 @@ def _update_tap(item: Item, link: Link, nl: Netlink, undo: _Undo) -> None:
         c = by[attr]
         setters[attr](c.after)
         if c.before is not None or attr == "master":  # master None: release it again
-            undo.push(f"restore {attr} of {name}", lambda a=attr, v=c.before: setters[a](v))
+            undo.push(f"restore {attr} of {name}", functools.partial(setters[attr], c.before))
     queue = [by[a] for a in _QUEUE_ATTRS if a in by]
     if queue:
         with _attached(name, link) as q:
@@ -603,7 +604,7 @@ def _update_tap(item: Item, link: Link, nl: Netlink, undo: _Undo) -> None:
                 setter = q.set_owner if c.attr == "owner" else q.set_group
                 setter(c.after)
                 if c.before is not None:
-                    undo.push(f"restore {c.attr} of {name}", lambda s=setter, v=c.before: s(v))
+                    undo.push(f"restore {c.attr} of {name}", functools.partial(setter, c.before))
 
 
 def _restore_tap(old: Link, nl: Netlink) -> None:
@@ -650,7 +651,8 @@ def execute(plan: Plan, spec: Spec, nl: Netlink, *, proc: str = "/proc") -> Plan
                 d = decls[item.name]
                 old = links[item.name]
                 taplib.delete(item.name, nl, proc=proc)
-                undo.push(f"recreate {item.name} as it was", lambda o=old: _restore_tap(o, nl))
+                undo.push(f"recreate {item.name} as it was",
+                          functools.partial(_restore_tap, old, nl))
                 _create_from(d, spec, nl)
                 item.status = "recreated"
             elif item.action == "delete":
@@ -690,11 +692,12 @@ def _do_bridge(item: Item, decl: BridgeDecl, spec: Spec, nl: Netlink, undo: _Und
     for c in item.changes:
         if c.attr == "mtu":
             nl.set_mtu(decl.name, c.after)
-            undo.push(f"restore mtu of {decl.name}", lambda v=c.before: nl.set_mtu(decl.name, v))
+            undo.push(f"restore mtu of {decl.name}",
+                      functools.partial(nl.set_mtu, decl.name, c.before))
         elif c.attr == "up":
             nl.set_up(decl.name, c.after)
             undo.push(f"restore state of {decl.name}",
-                      lambda v=c.before: nl.set_up(decl.name, v))
+                      functools.partial(nl.set_up, decl.name, c.before))
     item.status = "updated"
 
 

@@ -74,10 +74,10 @@ def _networkd(spec: Spec) -> Export:
     for b in spec.bridges:
         if not b.managed:
             continue
-        mtu = f"MTUBytes={b.mtu}\n" if b.mtu is not None else ""
+        mtu_line = f"MTUBytes={b.mtu}\n" if b.mtu is not None else ""
         files.append(ExportFile(f"10-vhostctl-{b.name}.netdev",
                                 f"# vhostctl export of {spec.path}, bridge {b.name}\n"
-                                f"[NetDev]\nName={b.name}\nKind=bridge\n{mtu}"))
+                                f"[NetDev]\nName={b.name}\nKind=bridge\n{mtu_line}"))
         files.append(ExportFile(f"10-vhostctl-{b.name}.network",
                                 f"# vhostctl export of {spec.path}, bridge {b.name}\n"
                                 f"[Match]\nName={b.name}\n\n[Link]\nRequiredForOnline=no\n\n"
