@@ -88,8 +88,12 @@ class PmdBackend:
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        wait_until("testpmd's prompt", lambda: self.PROMPT in self._out, 120, [self.proc],
-                   [self.log])
+        try:
+            wait_until("testpmd's prompt", lambda: self.PROMPT in self._out, 120,
+                       [self.proc], [self.log])
+        except BaseException:
+            self.stop()
+            raise
 
     def _read(self) -> None:
         with open(self.log, "wb") as f:
