@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -172,16 +172,19 @@ class CounterLog:
     """The tap's rx_packets read every 50 ms in a thread, so a rate can be taken over exactly
     the window ``top`` measured (its sample's end time and interval): a window around the whole
     ``top`` call would also count the start-up and the final scan, whose CPU the nested guest
-    loses, and read a lower rate than top's."""
+    loses, and read a lower rate than top's.  ``read`` counts something else instead (a
+    vhost-user backend's own RX count), every ``step`` seconds."""
 
-    def __init__(self, tap: str) -> None:
-        self.tap, self.points, self._stop = tap, [], threading.Event()
+    def __init__(self, tap: str | None, read: Callable[[], float] | None = None,
+                 step: float = 0.05) -> None:
+        self.points, self._stop, self.step = [], threading.Event(), step
+        self.read = read or (lambda: tap_counter(tap, "rx_packets"))
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.points.append((time.time(), tap_counter(self.tap, "rx_packets")))
-            self._stop.wait(0.05)
+            self.points.append((time.time(), self.read()))
+            self._stop.wait(self.step)
 
     def __enter__(self) -> CounterLog:
         self._thread.start()
