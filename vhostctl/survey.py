@@ -51,6 +51,9 @@ KVM_VM_LINK = "anon_inode:kvm-vm"
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
 IFF_UP = 0x1  # include/uapi/linux/if.h
 WORKER_RE = re.compile(r"vhost-(\d+)")
+# QEMU's vCPU threads with -name ...,debug-threads=on: "CPU 0/KVM", "CPU 1/TCG", or one
+# "ALL CPUs/TCG" (QEMU's accel/kvm/kvm-accel-ops.c, accel/tcg/tcg-accel-ops-mttcg.c, -rr.c).
+VCPU_COMM = re.compile(r"(CPU \d+|ALL CPUs)/")
 STAT_KEYS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_dropped", "tx_dropped",
              "rx_errors", "tx_errors")
 
@@ -314,6 +317,7 @@ class VmProcess:
     clk_tck: int = field(default=100, repr=False)
     utime: int = 0  # every thread of the process (vhost tasks included), clock ticks
     stime: int = 0
+    vcpu_ticks: int = field(default=0, repr=False)  # its vCPU threads' utime + stime
 
     @property
     def label(self) -> str:
@@ -602,15 +606,19 @@ class Scanner:
         for nic in proc.nics:
             if nic.tap:
                 nic.link = self.tap_link(nic.tap)
-        proc.workers = self._task_workers(pid)
+        proc.workers = self._task_workers(pid, proc)
         return proc
 
-    def _task_workers(self, pid: int) -> list[Worker]:
+    def _task_workers(self, pid: int, proc: VmProcess | None = None) -> list[Worker]:
+        """The vhost tasks among ``pid``'s threads; for a VMM, also its vCPU threads' CPU."""
         out = []
         for tid in self._listdir(f"{self.proc}/{pid}/task") or ():
             if not tid.isdigit() or int(tid) == pid:
                 continue
             st = self._stat(f"{self.proc}/{pid}/task/{tid}/stat")
+            if st and proc is not None and VCPU_COMM.match(st.comm):
+                proc.vcpu_ticks += st.utime + st.stime
+                continue
             w = st and self._worker(st, "task", f"{self.proc}/{pid}/task/{tid}")
             if w:
                 w.tgid = pid
@@ -982,8 +990,10 @@ def top_rows(prev: Survey, cur: Survey, dt: float) -> list[tuple[TopRow, list[To
                     worker_cpu=[{"tid": w.tid, "name": w.name,
                                  "cpu_pct": round(_pct(per[w.tid], cur.clk_tck, dt), 3)}
                                 for w in p.workers])
-        # The VMM's own threads: the process less the vhost tasks that live in it (6.4+).
-        vmm = max(0, own - sum(per[w.tid] for w in p.workers if w.model == "task"))
+        # The VMM's own threads: the process less the vhost tasks that live in it (6.4+)
+        # and less its vCPUs, which run the guest, not the tap (named with debug-threads=on).
+        vcpus = max(0, p.vcpu_ticks - old.vcpu_ticks) if old else 0
+        vmm = max(0, own - vcpus - sum(per[w.tid] for w in p.workers if w.model == "task"))
         nics = []
         for n in p.nics:
             row = TopRow("nic", p.pid, p.label, nic=n.tap or n.id, path=n.path, tap=n.tap,

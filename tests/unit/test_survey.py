@@ -843,7 +843,7 @@ def test_top_charges_each_path_to_its_mover(tmp_path):
         "-netdev", "tap,id=a,ifname=ta,vhost=on", "-netdev", "tap,id=b,ifname=tb,vhost=off",
         "-chardev", "socket,id=c0,path=/run/vu.sock", "-netdev", "vhost-user,id=c,chardev=c0"],
         tun={3: "ta", 5: "tb"}, fds={4: VH, 7: "socket:[100]"},
-        threads={910: ("vhost-900", 0, 0, 0)})
+        threads={910: ("vhost-900", 0, 0, 0), 920: ("CPU 0/TCG", 0, 0, 1)})
     host.process(950, "dpdk-testpmd", ["dpdk-testpmd"], fds={3: "socket:[200]"})
     host.unix = {100: (None, 200), 200: ("/run/vu.sock", 100)}
     for t in ("ta", "tb"):
@@ -852,6 +852,7 @@ def test_top_charges_each_path_to_its_mover(tmp_path):
     before = s.scan()
     (host.proc / "900/stat").write_text(stat_line(900, "qemu-system-x86", utime=300, threads=2))
     (host.proc / "900/task/910/stat").write_text(stat_line(910, "vhost-900", utime=100))
+    (host.proc / "900/task/920/stat").write_text(stat_line(920, "CPU 0/TCG", utime=50))
     (host.proc / "950/stat").write_text(stat_line(950, "dpdk-testpmd", utime=200))
     _set_stats(host, "ta", rx_packets=1000)
     ((vm, nics),) = sv.top_rows(before, s.scan(), 1.0)
@@ -862,8 +863,9 @@ def test_top_charges_each_path_to_its_mover(tmp_path):
     assert by["ta"].queues == [{"index": 0, "tap_fd": 3, "vhost_fd": 4, "worker_tid": 910,
                                 "worker_cpu_pct": 100.0, "from_guest_pps": None,
                                 "to_guest_pps": None}]
-    # vhost=off: QEMU's own threads, less the vhost task that lives among them.
-    assert by["tb"].mover == {"by": "vmm threads", "pid": 900, "tids": None, "cpu_pct": 200.0}
+    # vhost=off: QEMU's own threads, less the vhost task that lives among them and less the
+    # vCPU thread (which runs the guest).
+    assert by["tb"].mover == {"by": "vmm threads", "pid": 900, "tids": None, "cpu_pct": 150.0}
     assert by["c"].mover == {"by": "vhost-user backend", "pid": 950, "comm": "dpdk-testpmd",
                              "tids": None, "cpu_pct": 200.0}
     sample = sv.top_sample([(vm, nics)], interval=1.0, sort="pps", when=5.0)
