@@ -365,7 +365,7 @@ def test_vmms_exiting_during_scrapes_never_fail_one(exporter, ifname):
     from vhostctl.tun import Tap
     from vhostctl.vhost import VhostNet
 
-    ip("tuntap", "add", "dev", ifname, "mode", "tap", "multi_queue", "vnet_hdr")
+    ip("tuntap", "add", "dev", ifname, "mode", "tap", "vnet_hdr")
     (tap,) = Tap.open_queues(ifname, 1, vnet_hdr=True)
     vh = VhostNet()
     fds = [tap.fileno(), vh.fileno()]
