@@ -345,22 +345,12 @@ class Plan:
                 "items": [i.to_dict() for i in self.items]}
 
 
-def _vm_name(pid: int, proc: str) -> str | None:
-    """The ``-name`` of a QEMU holder (qemu_cmdline's parser), else None."""
-    from .qemu_cmdline import is_qemu, parse_argv
-    from .survey import parse_cmdline
-
-    try:
-        with open(f"{proc}/{pid}/cmdline", "rb") as f:
-            argv = parse_cmdline(f.read())
-    except OSError:
-        return None
-    comm = os.path.basename(argv[0]) if argv else ""
-    return parse_argv(argv).name if argv and is_qemu(comm, argv) else None
-
-
 def _holders(hs: list[Holder], proc: str) -> list[HolderInfo]:
-    return [HolderInfo(h.pid, h.comm, h.fd, _vm_name(h.pid, proc)) for h in hs]
+    """Each holder with its VM name, read through the survey's procfs reader."""
+    from .survey import Scanner
+
+    scan = Scanner(proc=proc)
+    return [HolderInfo(h.pid, h.comm, h.fd, scan.qemu_name(h.pid)) for h in hs]
 
 
 def _held(link: Link, holders: list[Holder]) -> bool:

@@ -723,6 +723,14 @@ class Scanner:
                       unmatched_workers=unmatched if not wanted else [],
                       skipped=list(self.skipped), clk_tck=self.clk_tck)
 
+    def qemu_name(self, pid: int) -> str | None:
+        """The ``-name`` of process ``pid`` when it is a QEMU (judged by its argv), else None."""
+        raw = self._read_bytes(f"{self.proc}/{pid}/cmdline")
+        argv = parse_cmdline(raw) if raw else []
+        if not argv or not is_qemu(os.path.basename(argv[0]), argv):
+            return None
+        return parse_argv(argv).name
+
     def unix_inodes(self, path: str) -> set[int]:
         """Inodes of the unix sockets bound to ``path`` (this netns's /proc/net/unix)."""
         text = self._read(f"{self.proc}/net/unix") or ""

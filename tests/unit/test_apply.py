@@ -141,7 +141,9 @@ def test_fixed_flag_drift_recreates_only_when_free(monkeypatch):
     text = "taps:\n  - name: a\n    owner: 0\n    vnet_hdr: false\n"
     free = plan(text, tap("a"), monkeypatch=monkeypatch)
     assert free.items[0].action == "recreate" and "vnet_hdr" in free.items[0].reason
-    monkeypatch.setattr(A, "_vm_name", lambda pid, proc: "web1")
+    from vhostctl.survey import Scanner
+
+    monkeypatch.setattr(Scanner, "qemu_name", lambda self, pid: "web1")
     held = plan(text, tap("a"), holders={"a": [Holder(4242, "qemu-system-x86", 7)]},
                 monkeypatch=monkeypatch)
     i = held.items[0]

@@ -934,3 +934,11 @@ def test_workers_carry_runqueue_wait_and_taps_their_queue_counts(tmp_path):
     nic = p.nics[0]
     assert (nic.link.queues_enabled, nic.link.queues_disabled) == (1, 1)
     assert nic.mac == "52:54:00:12:34:56"
+
+
+def test_qemu_name_reads_the_name_of_a_qemu_only(tmp_path):
+    host = FakeHost(tmp_path)
+    host.process(700, "qemu-system-x86", [QEMU, "-name", "guest=web1,debug-threads=on"])
+    host.process(701, "sleep", ["sleep", "-name", "x"])
+    s = host.scanner()
+    assert (s.qemu_name(700), s.qemu_name(701), s.qemu_name(702)) == ("web1", None, None)
