@@ -1,4 +1,4 @@
-"""Shared test configuration: the ``kernel`` marker's fail-not-skip rule."""
+"""Shared test configuration: the ``kernel`` marker's fail-not-skip rule, and ``one_kernel``."""
 
 from __future__ import annotations
 
@@ -24,10 +24,32 @@ def require_kernel() -> bool:
     return os.environ.get("VHOSTCTL_REQUIRE_KERNEL") == "1"
 
 
+def kernel_series(release: str) -> str:
+    """'6.12.117+deb12-amd64' -> '6.12': the series a ``one_kernel`` mark names."""
+    return ".".join(release.split(".")[:2])
+
+
+def spread_out(item: pytest.Item, release: str, spread: str) -> bool:
+    """Whether a ``one_kernel(series)`` test belongs to another kernel of this run.
+    ``spread`` is the comma-separated series scripts/vmtest runs side by side
+    (VHOSTCTL_SPREAD); a series outside it, or a run of one kernel, keeps the test."""
+    mark = item.get_closest_marker("one_kernel")
+    if mark is None or not spread:
+        return False
+    series = mark.args[0]
+    return series in spread.split(",") and kernel_series(release) != series
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if KERNEL_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.kernel)
+    spread = os.environ.get("VHOSTCTL_SPREAD", "")
+    release = os.uname().release
+    elsewhere = [item for item in items if spread_out(item, release, spread)]
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = [item for item in items if item not in elsewhere]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
