@@ -22,7 +22,7 @@ from typing import Any
 
 # Options whose next argv element is their value and which matter to us.  Every other option
 # is skipped one element at a time (its value, if any, never starts with "-netdev" etc.).
-_VALUED = {"netdev", "nic", "net", "chardev", "name", "qmp", "device", "mon"}
+_VALUED = {"netdev", "nic", "net", "chardev", "name", "qmp", "device", "mon", "smp"}
 _TRUE = {"on", "yes", "true", "y"}
 _FALSE = {"off", "no", "false", "n"}
 
@@ -122,6 +122,8 @@ class NetdevSpec:
     vhostforce: bool = False
     queues: int | None = None
     chardev: str | None = None  # vhost-user
+    # Every option as written (poll-us, sndbuf, ...), for checks that read one key.
+    opts: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def vhost_requested(self) -> bool:
@@ -146,6 +148,23 @@ class DeviceSpec:
     id: str | None = None
     netdev: str | None = None
     mac: str | None = None
+    # Every property as written (mq, vectors, host_mtu, tx_queue_size, iommu_platform, ...).
+    opts: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def opt(self, key: str) -> str | None:
+        """One property as a string (JSON ``true`` reads as ``on``), None when not given."""
+        v = self.opts.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        return str(v)
+
+    def int_opt(self, key: str) -> int | None:
+        return _as_int(self.opts.get(key))
+
+    def bool_opt(self, key: str) -> bool | None:
+        return as_bool(self.opts.get(key)) if key in self.opts else None
 
 
 @dataclass
@@ -158,6 +177,7 @@ class QemuArgs:
     chardevs: dict[str, ChardevSpec] = field(default_factory=dict)
     devices: list[DeviceSpec] = field(default_factory=list)
     qmp_paths: list[str] = field(default_factory=list)
+    cpus: int | None = None  # -smp N or -smp cpus=N
 
     def device_for(self, netdev_id: str | None) -> DeviceSpec | None:
         if netdev_id is None:
@@ -181,6 +201,7 @@ def _netdev(opts: dict[str, Any], implied_type: str | None = None) -> NetdevSpec
         vhostforce=bool(as_bool(opts.get("vhostforce"))),
         queues=_as_int(opts.get("queues")),
         chardev=_as_str(opts.get("chardev")),
+        opts=dict(opts),
     )
 
 
@@ -235,7 +256,9 @@ def parse_argv(argv: list[str]) -> QemuArgs:
             if driver:
                 out.devices.append(DeviceSpec(driver, _as_str(opts.get("id")),
                                               _as_str(opts.get("netdev")),
-                                              _as_str(opts.get("mac"))))
+                                              _as_str(opts.get("mac")), dict(opts)))
+        elif opt == "smp":
+            out.cpus = _as_int(parse_opts(value, "cpus").get("cpus"))
         elif opt == "qmp":
             addr = value.split(",", 1)[0]
             if addr.startswith("unix:"):

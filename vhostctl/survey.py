@@ -318,6 +318,7 @@ class VmProcess:
     utime: int = 0  # every thread of the process (vhost tasks included), clock ticks
     stime: int = 0
     vcpu_ticks: int = field(default=0, repr=False)  # its vCPU threads' utime + stime
+    vcpu_tids: list[int] = field(default_factory=list, repr=False)
 
     @property
     def label(self) -> str:
@@ -392,6 +393,11 @@ class Scanner:
     # -- tolerant reads: a vanished pid/fd is normal, it is recorded and skipped -------------
     def _skip(self, what: str, err: BaseException) -> None:
         self.skipped.append(f"{what}: {err}")
+
+    def read(self, path: str) -> str | None:
+        """A procfs/sysfs file's text, None (recorded in ``skipped``) when it cannot be read:
+        the one reader the commands built on a scan (doctor) use for what the scan skips."""
+        return self._read(path)
 
     def _read(self, path: str) -> str | None:
         try:
@@ -618,6 +624,7 @@ class Scanner:
             st = self._stat(f"{self.proc}/{pid}/task/{tid}/stat")
             if st and proc is not None and VCPU_COMM.match(st.comm):
                 proc.vcpu_ticks += st.utime + st.stime
+                proc.vcpu_tids.append(st.pid)
                 continue
             w = st and self._worker(st, "task", f"{self.proc}/{pid}/task/{tid}")
             if w:

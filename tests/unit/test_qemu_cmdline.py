@@ -129,3 +129,18 @@ def test_split_opts_edges(text: str, want: dict[str, str]) -> None:
 def test_json_options_after_blanks_and_broken_json() -> None:
     assert qc.parse_opts('  {"id": "n0", "vhost": true}') == {"id": "n0", "vhost": True}
     assert qc.parse_opts('{"id": ') == {}
+
+
+def test_device_and_netdev_keep_every_option_for_doctor() -> None:
+    """doctor reads properties the parser has no field for (mq, vectors, host_mtu, poll-us)."""
+    args = qc.parse_argv(["qemu", "-smp", "cpus=2,sockets=1", "-netdev",
+                          "tap,id=n0,fd=3,poll-us=50", "-device",
+                          '{"driver": "virtio-net-pci", "netdev": "n0", "mq": true, '
+                          '"vectors": 6, "iommu_platform": "off"}'])
+    dev = args.device_for("n0")
+    assert dev is not None
+    assert (dev.opt("mq"), dev.bool_opt("mq"), dev.int_opt("vectors")) == ("on", True, 6)
+    assert dev.bool_opt("iommu_platform") is False and dev.bool_opt("host_mtu") is None
+    assert args.netdevs[0].opts["poll-us"] == "50" and args.cpus == 2
+    assert qc.parse_argv(["qemu", "-smp", "4"]).cpus == 4
+    assert qc.parse_argv(["qemu"]).cpus is None
