@@ -1149,6 +1149,9 @@ def qmp_view(client: Any) -> dict[str, Any]:
                             "status": client.execute("query-status").get("status")}
     name = client.execute("query-name")
     view["name"] = name.get("name") if isinstance(name, dict) else None
+    cpus = client.execute("query-cpus-fast")  # QEMU 2.12+; the vCPU threads' ids
+    view["vcpu_threads"] = [c["thread-id"] for c in (cpus if isinstance(cpus, list) else ())
+                            if isinstance(c, dict) and isinstance(c.get("thread-id"), int)]
     text = client.execute("human-monitor-command", {"command-line": "info network"})
     view["network"] = parse_info_network(text if isinstance(text, str) else "")
     try:
@@ -1180,6 +1183,8 @@ def attach_qmp(result: Survey, view: dict[str, Any], inodes: set[int]) -> VmProc
                                "(another network namespace, or not a VM holding vhost/tun fds)")
         return None
     proc.qmp = view
+    if not proc.vcpu_tids:  # threads are named "CPU n/KVM" only with -name debug-threads=on
+        proc.vcpu_tids = list(view.get("vcpu_threads") or ())
     for entry in view.get("network") or ():
         # A NIC line lists its netdev as a peer; a netdev without a NIC stands alone.
         pairs = ([(entry, p) for p in entry.get("peers", ())] if entry["type"] == "nic"
