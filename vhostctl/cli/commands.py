@@ -3,6 +3,7 @@
 from . import apply as apply
 from . import bench as bench
 from . import check as check
+from . import doctor as doctor
 from . import metrics as metrics
 from . import selftest as selftest
 from . import tap as tap
