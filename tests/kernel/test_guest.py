@@ -232,6 +232,51 @@ def test_top_json_rate_matches_tap_counters(booted, cli):
     assert abs(top_pps - tap_pps) <= 0.1 * tap_pps, (top_pps, tap_pps)
 
 
+# -- doctor (issue 17): the healthy counterparts that need a running guest -------------------
+
+def doctor_json(cli, g: Guest, *extra: str) -> tuple[int, dict]:
+    r = cli("doctor", "--json", "--qmp", g.qmp_path, "--timeout", "30", *extra, str(g.pid))
+    assert r.code in (0, 1), r
+    return r.code, r.json()
+
+
+def test_doctor_finds_nothing_wrong_with_the_running_guest_under_traffic(booted, cli):
+    """The guest's driver set DRIVER_OK, vhost started, every queue pair is enabled, and
+    traffic both ways over --watch's window shows no drops and no saturated, starved or lone
+    worker: nothing above info (tests/kernel/test_doctor.py provokes each of these)."""
+    g, tap, host, queues = booted
+    traffic = guest_traffic(g, tap, host, queues)
+    traffic.start()
+    try:
+        code, rep = doctor_json(cli, g, "--watch", "3")
+    finally:
+        traffic.stop()
+    record(test="doctor-healthy", guest=g.name, queues=queues, report=rep, moved=traffic.moved)
+    assert code == 0 and [f for f in rep["findings"] if f["severity"] != "info"] == [], rep
+    assert rep["not_run"] == [], rep["not_run"]  # QMP answered, the rates were measured
+    assert rep["subjects"] == [f"{g.name} [{g.pid}]"]
+
+
+def test_doctor_sees_one_busy_worker_when_the_guest_sends_on_one_queue(booted, cli):
+    """pktgen on TX queue 0 only: with two queue pairs the first one's worker moves
+    everything; with one, that is simply its only worker and nothing is wrong."""
+    g, tap, host, queues = booted
+    g.pktgen_start("eth0", host, tap_mac(tap), queues=1)
+    try:
+        time.sleep(1.0)
+        code, rep = doctor_json(cli, g, "--watch", "3")
+    finally:
+        g.pktgen_stop("eth0")
+    record(test="doctor-one-busy-worker", guest=g.name, queues=queues, report=rep)
+    lone = [x for x in rep["findings"] if x["id"] == "mq-one-busy-worker"]
+    if queues == 1:
+        assert code == 0 and lone == [], rep
+        return
+    (f,) = lone
+    assert code == 1 and f["severity"] == "warning", rep
+    assert len(f["evidence"]) == 2, f
+
+
 # -- metrics (issue 19) with the running guest as the traffic source ---------------------------
 
 def guest_traffic(g: Guest, tap: str, host: str, queues: int) -> tm.TrafficNic:
