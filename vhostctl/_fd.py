@@ -11,11 +11,13 @@ Every ``open``/``ioctl``/``eventfd``/``socket`` the library makes passes here, s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import socket
 from collections.abc import Callable
+from functools import cache
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from ._uapi import ioctl_name
@@ -170,6 +172,32 @@ def packet_socket(ifindex: int, protocol: int = 0x0003) -> socket.socket:
         s.close()
         raise
     return s
+
+
+@cache
+def _sendmmsg() -> Any:
+    fn = ctypes.CDLL(None, use_errno=True).sendmmsg
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def sendmmsg(fd: int, msgs: int, count: int, flags: int = 0, *, op: str = "sendmmsg",
+             hint: str = "") -> int:
+    """``sendmmsg(2)`` of ``count`` messages from the address ``msgs`` (an array of
+    :class:`~vhostctl._uapi.socket.mmsghdr`): one syscall for a batch, which Python's
+    ``socket`` cannot do.  Returns how many were sent; 0 when the socket would block."""
+    try:
+        faults.check(op)
+    except OSError as e:
+        raise SyscallError(op, e.errno or errno.EIO, hint=hint) from None
+    n: int = _sendmmsg()(fd, msgs, count, flags)
+    if n >= 0:
+        return n
+    err = ctypes.get_errno()
+    if err in (errno.EAGAIN, errno.EINTR):
+        return 0
+    raise SyscallError(op, err, hint=hint)
 
 
 def _ifname_of(ifindex: int) -> str:
